@@ -1,0 +1,51 @@
+"""rlrr: Residual-based Low-Rank Rescaling (CVPR 2024) for any traceable PyTorch vision model.
+
+    import rlrr
+    rlrr.apply(model, trainable="head")       # adapt in place, freeze the rest
+    ...train...
+    rlrr.save_adapter(model, "adapter.safetensors")
+    from export import fold; fold(model)      # Eq. 20: a plain model again
+"""
+
+from rlrr.api import apply, plan
+from rlrr.config import KINDS, RLRRConfig
+from rlrr.errors import (
+    AdapterFileError,
+    AdapterMismatchError,
+    AlreadyAdaptedError,
+    ConfigError,
+    InvalidRankError,
+    NoMatchingTargetsError,
+    NonFiniteError,
+    NotAdaptedError,
+    RLRRError,
+    TraceError,
+    UnknownTargetKindError,
+)
+from rlrr.inject import adapters_of
+from rlrr.sites import Plan, Site, Skipped
+from rlrr.state import load_adapter, save_adapter
+
+__all__ = [
+    "KINDS",
+    "AdapterFileError",
+    "AdapterMismatchError",
+    "AlreadyAdaptedError",
+    "ConfigError",
+    "InvalidRankError",
+    "NoMatchingTargetsError",
+    "NonFiniteError",
+    "NotAdaptedError",
+    "Plan",
+    "RLRRConfig",
+    "RLRRError",
+    "Site",
+    "Skipped",
+    "TraceError",
+    "UnknownTargetKindError",
+    "adapters_of",
+    "apply",
+    "load_adapter",
+    "plan",
+    "save_adapter",
+]

@@ -75,7 +75,9 @@ def _create_tensor(owner: nn.Module, attr: str, value: Tensor, undo: _Undo) -> N
 
 
 def _register(module: nn.Module, attr: str, parametrization: nn.Module, undo: _Undo) -> None:
-    parametrize.register_parametrization(module, attr, parametrization)
+    # reason: unsafe=True skips parametrize's trial evaluation of W' (seconds on ViT-B); adapters keep
+    # the tensor's shape and dtype by construction, which tests/test_adapters.py checks.
+    parametrize.register_parametrization(module, attr, parametrization, unsafe=True)
     undo.push(lambda: parametrize.remove_parametrizations(module, attr, leave_parametrized=False))
 
 

@@ -231,9 +231,7 @@ def _report_unused_layers(model: nn.Module, found: Discovery) -> None:
     analysed_out = {name for name, _ in found.not_analysed}
     for module_path, m in model.named_modules():
         for attr, p in m.named_parameters(recurse=False):
-            if p is None or (module_path, attr) in adapted:
-                continue
-            if any(s.module == module_path for s in found.sites) and id(p) in found._seen:
+            if (module_path, attr) in adapted or id(p) in found._seen:
                 continue
             reason = "not analysed (fx could not trace it)" if module_path in analysed_out else f"{type(m).__name__}.{attr} is not a linear, conv or LayerNorm weight"
             found.skipped.append(Skipped(_join(module_path, attr), type(m).__name__, reason))

@@ -61,6 +61,10 @@ def fold_with_report(model: nn.Module) -> tuple[nn.Module, FoldReport]:
     if not adapters:
         raise NotAdaptedError(f"{type(model).__name__} has no RLRR adapter to fold")
     targets = list(_adapted_tensors(model))
+    reachable = {id(t[3]) for t in targets}
+    hidden = [a.site.name for a in adapters if id(a) not in reachable]
+    if hidden:
+        raise RLRRError(f"cannot fold: the adapters of {hidden[:5]} sit behind other parametrizations; the model was not changed")
     for name, m, attr, adapter, is_bias in targets:  # check first, write nothing yet
         value = folded_value(m, attr, adapter, is_bias)
         if not torch.isfinite(value).all():

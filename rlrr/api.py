@@ -8,9 +8,10 @@ import warnings
 from collections.abc import Iterable
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from rlrr.config import RLRRConfig
-from rlrr.errors import AlreadyAdaptedError, ConfigError, InvalidRankError, TraceError
+from rlrr.errors import AlreadyAdaptedError, ConfigError, InvalidRankError, NoMatchingTargetsError, TraceError
 from rlrr.inject import adapters_of, attach
 from rlrr.sites import Plan, Skipped, effective_chunks, rescale_class
 from rlrr.targets import Targets, select
@@ -50,8 +51,14 @@ def make_plan(model: nn.Module, targets: Targets, config: RLRRConfig, trainable:
         why = "; ".join(f"{n or '<model>'}: {w}" for n, w in found.not_analysed) or "it has no linear, conv or LayerNorm layer"
         raise TraceError(f"found nothing to adapt in {type(model).__name__}: {why}")
     trained = resolve_trainable(model, trainable)
-    candidates = [s for s in found.sites if not _under(s.module, trained)]
-    selected = select(candidates, targets, model)
+    foreign = [s for s in found.sites if parametrize.is_parametrized(model.get_submodule(s.module), s.weight)]
+    candidates = [s for s in found.sites if not _under(s.module, trained) and s not in foreign]
+    try:
+        selected = select(candidates, targets, model)
+    except NoMatchingTargetsError as e:
+        if trained:
+            raise NoMatchingTargetsError(f"{e} (modules trained in full are never adapted: {', '.join(trained)})") from None
+        raise
     chosen = {s.name for s in selected}
     too_small = [(s, rescale_class(s.kind).max_rank(s.shape, effective_chunks(s, config))) for s in selected if s.kind != "norm"]
     too_small = [(s, r) for s, r in too_small if config.rank > r]
@@ -59,6 +66,7 @@ def make_plan(model: nn.Module, targets: Targets, config: RLRRConfig, trainable:
         listed = ", ".join(f"{s.name} (shape {s.shape}, at most {r})" for s, r in too_small[:5])
         raise InvalidRankError(f"rank {config.rank} exceeds what {len(too_small)} site(s) allow: {listed}. Lower the rank or exclude them from targets")
     skipped = list(found.skipped)
+    skipped += [Skipped(s.name, s.op, "its weight already has another parametrization") for s in foreign]
     skipped += [Skipped(s.name, s.op, "trained in full (trainable)") for s in found.sites if _under(s.module, trained)]
     skipped += [Skipped(s.name, s.op, "not in targets") for s in candidates if s.name not in chosen]
     trained_params = _count(p for t in trained for p in model.get_submodule(t).parameters())

@@ -131,6 +131,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         found = {a.site.name: a.site for a in existing}
         extra = sorted(set(found) - {s.name for s in sites})
         problems = _mismatches(sites, found) + [f"{n}: adapted in the model, not in the file" for n in extra]
+        if existing[0].config != config:
+            problems.insert(0, f"the model was adapted with {existing[0].config}, the file holds {config}")
     else:
         found = {s.name: s for s in discover(model).sites}
         problems = _mismatches(sites, found)

@@ -54,7 +54,12 @@ def select(sites: list[Site], targets: Targets, model: nn.Module) -> list[Site]:
     """The sites the targets choose, in discovery order; raises when they choose nothing."""
     if targets is None:
         return list(sites)
-    items = [targets] if isinstance(targets, (str, re.Pattern)) or callable(targets) else list(targets)
+    if isinstance(targets, (str, re.Pattern)) or callable(targets):
+        items = [targets]
+    elif isinstance(targets, Iterable):
+        items = list(targets)
+    else:
+        raise UnknownTargetKindError(f"a target must be None, a kind {KINDS}, a glob, 're:<regex>', a compiled regex, a callable or a list of these; got {type(targets).__name__}")
     if not items:
         raise NoMatchingTargetsError("targets is an empty list: nothing to adapt (use None for every site)")
     chosen: set[str] = set()

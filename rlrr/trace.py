@@ -181,6 +181,13 @@ def _parameter_read(node: object, root: nn.Module) -> tuple[str, nn.Parameter] |
     return node.target, value
 
 
+def _caller(node: fx.Node) -> str:
+    """Where an op was called: the innermost module fx recorded, and the op's node name."""
+    stack = node.meta.get("nn_module_stack") or {}
+    module = next(reversed(stack.values()))[0] if stack else ""
+    return f"{module}.{node.name}" if module else node.name
+
+
 def _add_function_site(node: fx.Node, root: nn.Module, prefix: str, found: Discovery) -> None:
     kind = _FUNCTION_KINDS[node.target]
     op = _FUNCTION_NAMES[node.target]
@@ -189,10 +196,11 @@ def _add_function_site(node: fx.Node, root: nn.Module, prefix: str, found: Disco
     args = [node.args[i] if len(node.args) > i else node.kwargs.get(n) for i, n in zip((weight_pos, bias_pos), names)]
     weight = _parameter_read(args[0], root)
     if weight is None:
+        where = _join(prefix, _caller(node))
         if args[0] is not None:
-            found.skipped.append(Skipped(_join(prefix, node.name), op, "its weight is computed, not a parameter read directly"))
+            found.skipped.append(Skipped(where, op, "its weight is computed, not a parameter read directly"))
         else:
-            found.skipped.append(Skipped(_join(prefix, node.name), op, "no affine weight in a functional call"))
+            found.skipped.append(Skipped(where, op, "no affine weight in a functional call"))
         return
     fqn, param = weight
     module_path, _, attr = _join(prefix, fqn).rpartition(".")
@@ -233,5 +241,5 @@ def _report_unused_layers(model: nn.Module, found: Discovery) -> None:
         for attr, p in m.named_parameters(recurse=False):
             if (module_path, attr) in adapted or id(p) in found._seen:
                 continue
-            reason = "not analysed (fx could not trace it)" if module_path in analysed_out else f"{type(m).__name__}.{attr} is not a linear, conv or LayerNorm weight"
+            reason = "not analysed (fx could not trace it)" if module_path in analysed_out else f"{type(m).__name__}.{attr} is not read as a linear, conv or LayerNorm weight"
             found.skipped.append(Skipped(_join(module_path, attr), type(m).__name__, reason))

@@ -1,0 +1,74 @@
+"""The adapter an export folds: from a file, already in the model, or seeded random.
+
+A random adapter shows that the path works (fold, export, verify), not what a trained model
+does; every one of its tensors is non-zero, so a fold that drops or misplaces a term shows up.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import rlrr
+from adapters import LinearRescale, NormScaleShift
+from export.models import classifier_name, wake
+from rlrr.state import read_adapter_file
+
+#: Keys `export` reads from (and `save_export_adapter` writes into) an adapter file's metadata.
+META_KEYS = ("model", "num_classes", "img_size", "model_kwargs")
+
+
+@dataclass
+class AdapterInfo:
+    """What was folded, for the report."""
+
+    origin: str  # "file", "model" (already adapted) or "random"
+    description: str
+    sites: int = 0
+    config: dict | None = None
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The model-building keys an adapter file carries (model, num_classes, img_size, model_kwargs)."""
+    _, _, _, user = read_adapter_file(path)
+    return {k: user[k] for k in META_KEYS if user.get(k) is not None}
+
+
+def save_export_adapter(model: nn.Module, path: str | os.PathLike, *, model_name: str, num_classes: int | None = None,
+                        img_size: int | None = None, model_kwargs: dict | None = None, metadata: dict | None = None) -> Path:
+    """`rlrr.save_adapter` with the keys `python -m export.onnx --adapter FILE` builds the model from."""
+    meta = dict(metadata or {})
+    meta.update({"model": model_name, "num_classes": num_classes, "img_size": img_size, "model_kwargs": model_kwargs or {}})
+    return rlrr.save_adapter(model, path, metadata={k: v for k, v in meta.items() if v is not None})
+
+
+@torch.no_grad()
+def random_adapter(model: nn.Module, *, seed: int = 0, rank: int = 1, targets=None, init: str = "paper") -> nn.Module:
+    """Adapt `model` in place (head trained in full, as the paper) with seeded non-zero adapters.
+
+    `init="paper"` draws the scales (kaiming-uniform, design.md §2); the shifts, which the paper
+    starts at zero, and the norms' scale and shift are then redrawn so that each adapter tensor
+    changes the output. A head that is all zeros is redrawn as well. The global RNG is untouched.
+    """
+    head = classifier_name(model)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        rlrr.apply(model, targets, rank=rank, init=init, trainable=head or ())
+    g = torch.Generator().manual_seed(seed + 1)
+    for adapter in rlrr.adapters_of(model):
+        if isinstance(adapter, NormScaleShift):
+            adapter.rlrr_scale.copy_(1 + 0.1 * torch.randn(adapter.rlrr_scale.shape, generator=g))
+            adapter.rlrr_shift.copy_(0.1 * torch.randn(adapter.rlrr_shift.shape, generator=g))
+        elif isinstance(adapter, LinearRescale) and adapter.rlrr_shift is not None:
+            adapter.rlrr_shift.copy_(0.05 * torch.randn(adapter.rlrr_shift.shape, generator=g))
+    if head:
+        wake(model.get_submodule(head), seed)
+    return model
+
+
+def describe_random(seed: int, rank: int) -> str:
+    return f"random adapter, seed {seed}, rank {rank}: numbers show the path works, not a trained model"

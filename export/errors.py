@@ -1,0 +1,40 @@
+"""Errors of the deployment path. Each also derives from the builtin a caller would expect.
+
+The CLIs map them to exit codes (see `export.cli`): bad input is 2, an export the exporter cannot
+do is 3, a missing runtime is 4, a verification past tolerance is 1.
+"""
+
+from __future__ import annotations
+
+from rlrr.errors import RLRRError
+
+
+class UnknownModelError(RLRRError, ValueError):
+    """A model name that neither timm nor torchvision (nor an importable builder) knows."""
+
+
+class WeightsError(RLRRError, ValueError):
+    """A base weight file is unreadable or its keys/shapes do not fit the model."""
+
+
+class OutputError(RLRRError, OSError):
+    """The output path cannot be written: missing folder, not writable, exists, or an input file."""
+
+
+class ExportError(RLRRError, RuntimeError):
+    """The exporter could not convert the model (an unsupported op, a dynamic batch it cannot keep)."""
+
+
+class MissingRuntimeError(RLRRError, ImportError):
+    """Verification needs a runtime (onnxruntime, a CUDA provider) that is not installed."""
+
+
+class VerificationError(RLRRError, RuntimeError):
+    """The exported model's outputs differ from the unmerged model's past tolerance.
+
+    `report` holds the numbers (an `export.report.ExportReport`).
+    """
+
+    def __init__(self, message: str, report=None) -> None:
+        super().__init__(message)
+        self.report = report

@@ -42,6 +42,18 @@ def _adapted_tensors(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, Ad
             yield name, m, attr, (first if isinstance(first, Adapter) else first.adapter), isinstance(first, BiasOf)
 
 
+def _own_class(module: nn.Module) -> None:
+    """Give a parametrized module a private copy of its class before parametrizations are removed.
+
+    `copy.deepcopy` of a parametrized module shares PyTorch's generated `Parametrized<X>` class,
+    and `remove_parametrizations` deletes the property from that class: folding one copy would
+    break the other (an EMA copy, the unmerged reference kept for verification).
+    """
+    cls = type(module)
+    namespace = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+    module.__class__ = type(cls.__name__, cls.__bases__, namespace)
+
+
 def _compute_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
@@ -71,6 +83,8 @@ def fold_with_report(model: nn.Module) -> tuple[nn.Module, FoldReport]:
             raise NonFiniteError(f"folding site {adapter.site.name} gives non-finite values in {name}.{attr}: the adapter holds NaN/Inf or overflows {value.dtype}; the model was not changed")
     report = FoldReport(sites=len(adapters))
     written: set[int] = set()
+    for m in {id(t[1]): t[1] for t in targets}.values():
+        _own_class(m)
     with torch.no_grad():
         for name, m, attr, adapter, is_bias in targets:
             original = m.parametrizations[attr].original

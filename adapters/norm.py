@@ -1,8 +1,11 @@
-"""SSF-style scale and shift after a LayerNorm, as the paper does for norms (Sec. 4.3).
+"""SSF-style scale and shift of a layer's output, as the paper does for norms (Sec. 4.3).
 
-The norm's output y = γ ⊙ x̂ + β is rescaled to s ⊙ y + t, which folds into the affine:
+A norm's output y = γ ⊙ x̂ + β is rescaled to s ⊙ y + t, which folds into the affine:
 γ' = γ ⊙ s and β' = β ⊙ s + t. It works for any layout (channels-last nn.LayerNorm,
 channels-first timm LayerNorm2d) because it only touches the affine parameters.
+
+The same rule on a linear or conv layer (the official code's SSF after the patch embedding)
+scales its output channels: W' = s ⊙ W along axis 0, b' = s ⊙ b + t.
 """
 
 from __future__ import annotations
@@ -14,17 +17,22 @@ from adapters.base import ADAPTER_PREFIX, INITS, Adapter
 
 
 class NormScaleShift(Adapter):
-    """Scale s and shift t of a norm's output, written into its γ and β."""
+    """Scale s and shift t of a layer's output, written into its weight and bias.
+
+    For a norm, s and t have γ's shape; for a linear or conv (`per_output_channel=True`) they
+    have one entry per output channel, broadcast over the rest of the weight.
+    """
 
     kind = "norm"
 
-    def __init__(self, weight: Tensor, *, init: str = "paper") -> None:
+    def __init__(self, weight: Tensor, *, init: str = "paper", per_output_channel: bool = False) -> None:
         super().__init__()
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, not {init!r}")
         factory = {"dtype": weight.dtype, "device": weight.device}
-        self.rlrr_scale = nn.Parameter(torch.empty(weight.shape, **factory))
-        self.rlrr_shift = nn.Parameter(torch.empty(weight.shape, **factory))
+        shape = weight.shape[:1] if per_output_channel else weight.shape
+        self.rlrr_scale = nn.Parameter(torch.empty(shape, **factory))
+        self.rlrr_shift = nn.Parameter(torch.empty(shape, **factory))
         self.reset_parameters(init)
 
     @torch.no_grad()
@@ -43,7 +51,8 @@ class NormScaleShift(Adapter):
 
     def effective_weight(self, weight: Tensor, dtype: torch.dtype | None = None) -> Tensor:
         w = weight if dtype is None else weight.to(dtype)
-        return w * self._param("scale", dtype)
+        scale = self._param("scale", dtype)
+        return w * scale.reshape(scale.shape + (1,) * (w.dim() - scale.dim()))  # broadcast along axis 0
 
     def effective_bias(self, bias: Tensor, dtype: torch.dtype | None = None) -> Tensor:
         b = bias if dtype is None else bias.to(dtype)

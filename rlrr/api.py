@@ -6,6 +6,7 @@ import fnmatch
 import logging
 import warnings
 from collections.abc import Iterable
+from dataclasses import replace
 
 from torch import nn
 from torch.nn.utils import parametrize
@@ -13,7 +14,7 @@ from torch.nn.utils import parametrize
 from rlrr.config import RLRRConfig
 from rlrr.errors import AlreadyAdaptedError, ConfigError, InvalidRankError, NoMatchingTargetsError, TraceError
 from rlrr.inject import adapters_of, attach
-from rlrr.sites import Plan, Skipped, effective_chunks, rescale_class
+from rlrr.sites import BIAS_ABSENT, Plan, Site, Skipped, effective_chunks, rescale_class
 from rlrr.targets import Targets, select
 from rlrr.trace import discover
 
@@ -42,7 +43,16 @@ def _under(path: str, roots: list[str]) -> bool:
     return any(path == r or path.startswith(r + ".") for r in roots)
 
 
-def make_plan(model: nn.Module, targets: Targets, config: RLRRConfig, trainable: str | Iterable[str] = ()) -> Plan:
+def _with_ssf(candidates: list[Site], selected: list[Site], ssf_sites: list[Site]) -> list[Site]:
+    """Selected sites plus the SSF ones (which take precedence), in discovery order."""
+    no_bias = [s.name for s in ssf_sites if s.bias_state == BIAS_ABSENT]
+    if no_bias:
+        raise ConfigError(f"SSF shifts the layer's bias, and these sites have none that can be added: {no_bias[:5]}")
+    by_name = {s.name: s for s in selected} | {s.name: replace(s, method="ssf") for s in ssf_sites}
+    return [by_name[s.name] for s in candidates if s.name in by_name]
+
+
+def make_plan(model: nn.Module, targets: Targets, config: RLRRConfig, trainable: str | Iterable[str] = (), ssf: Targets = None) -> Plan:
     """Everything `apply` decides, computed without touching the model."""
     if adapters_of(model):
         raise AlreadyAdaptedError(f"{type(model).__name__} already carries RLRR adapters; fold it (export.fold) or build a fresh model first")
@@ -59,8 +69,10 @@ def make_plan(model: nn.Module, targets: Targets, config: RLRRConfig, trainable:
         if trained:
             raise NoMatchingTargetsError(f"{e} (modules trained in full are never adapted: {', '.join(trained)})") from None
         raise
+    if ssf is not None:
+        selected = _with_ssf(candidates, selected, select([s for s in candidates if s.kind != "norm"], ssf, model))
     chosen = {s.name for s in selected}
-    too_small = [(s, rescale_class(s.kind).max_rank(s.shape, effective_chunks(s, config))) for s in selected if s.kind != "norm"]
+    too_small = [(s, rescale_class(s.kind).max_rank(s.shape, effective_chunks(s, config))) for s in selected if s.kind != "norm" and s.method == "rlrr"]
     too_small = [(s, r) for s, r in too_small if config.rank > r]
     if too_small:
         listed = ", ".join(f"{s.name} (shape {s.shape}, at most {r})" for s, r in too_small[:5])
@@ -85,10 +97,11 @@ def plan(
     fused_chunks: bool = True,
     shift: bool = True,
     trainable: str | Iterable[str] = (),
+    ssf: Targets = None,
 ) -> Plan:
     """The dry run of `apply`: the sites it would adapt and the ops it would skip. Changes nothing."""
     config = RLRRConfig(rank, scaling, residual, lowrank, init, fused_chunks, shift)
-    return make_plan(model, targets, config, trainable)
+    return make_plan(model, targets, config, trainable, ssf)
 
 
 def apply(
@@ -103,16 +116,19 @@ def apply(
     fused_chunks: bool = True,
     shift: bool = True,
     trainable: str | Iterable[str] = (),
+    ssf: Targets = None,
 ) -> nn.Module:
     """Rewrite every selected linear, conv and LayerNorm of `model` into RLRR form, in place.
 
     Freezes every base parameter; adapter parameters and the `trainable` modules (the paper
     trains the classifier head) require grad. Returns the same model object. The options are
-    `RLRRConfig`'s fields; `targets` is described in `rlrr.targets`. On any error the model is
-    left as it was.
+    `RLRRConfig`'s fields; `targets` is described in `rlrr.targets`. Linear/conv sites chosen by
+    `ssf` (same forms as `targets`) get an SSF scale and shift of their output channels instead
+    of RLRR, as the official code does after the patch embedding. On any error the model is left
+    as it was.
     """
     config = RLRRConfig(rank, scaling, residual, lowrank, init, fused_chunks, shift)
-    return apply_plan(model, make_plan(model, targets, config, trainable))
+    return apply_plan(model, make_plan(model, targets, config, trainable, ssf))
 
 
 def apply_plan(model: nn.Module, the_plan: Plan) -> nn.Module:

@@ -24,6 +24,9 @@ def build_adapter(site: Site, weight: Tensor, config: RLRRConfig) -> Adapter:
     """The adapter for one site, with its site and config attached for save/fold."""
     if site.kind == "norm":
         adapter: Adapter = NormScaleShift(weight, init=config.init)
+    elif site.method == "ssf":
+        adapter = NormScaleShift(weight, init=config.init, per_output_channel=True)
+        adapter.kind = "ssf"
     else:
         adapter = rescale_class(site.kind)(
             weight, rank=config.rank, chunks=effective_chunks(site, config), scaling=config.weight_scaling, shift=shifts(site, config), init=config.init

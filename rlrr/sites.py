@@ -26,6 +26,7 @@ class Site:
     chunks: int = 1  # output chunks of a fused projection (3 for qkv)
     found_by: str = "trace"  # "trace", or "type" inside a part fx could not trace
     weight_missing: bool = False  # a norm without affine parameters: γ = 1 is created
+    method: str = "rlrr"  # "rlrr", or "ssf": a scale and shift of the layer's output channels
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -72,6 +73,8 @@ def site_parameters(site: Site, config: RLRRConfig) -> int:
         for n in site.shape:
             numel *= n
         return 2 * numel
+    if site.method == "ssf":
+        return 2 * site.shape[0]
     return rescale_class(site.kind).count_parameters(
         site.shape, rank=config.rank, chunks=effective_chunks(site, config), scaling=config.weight_scaling, shift=shifts(site, config)
     )
@@ -104,7 +107,7 @@ class Plan:
         """A readable table of sites, skipped ops and totals."""
         rows = [("site", "kind", "op", "shape", "chunks", "params")]
         for s in self.sites:
-            rows.append((s.name, s.kind, s.op, "x".join(map(str, s.shape)), str(effective_chunks(s, self.config)), f"{site_parameters(s, self.config):,}"))
+            rows.append((s.name, s.kind if s.method == "rlrr" else f"{s.kind} (ssf)", s.op, "x".join(map(str, s.shape)), str(effective_chunks(s, self.config)), f"{site_parameters(s, self.config):,}"))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -150,7 +151,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     if bad:
         raise AdapterMismatchError(f"{path}: trained parameters do not fit {type(model).__name__}: {bad[:8]}")
     if not existing:
-        attach(model, [found[s.name] for s in sites], config)
+        attach(model, [replace(found[s.name], method=s.method) for s in sites], config)
     _copy_in(model, tensors, trained)
     return model
 

@@ -1251,3 +1251,50 @@ def test_timm_test_vit_targets_and_fold():
     randomise_adapters(model)
     x = torch.randn(1, *model.pretrained_cfg["input_size"], dtype=F64)
     assert_folds_exactly(model, (x,), rtol=1e-9, atol=1e-9)
+
+
+# ----------------------------------------------------------------------------- SSF on a layer's output
+
+
+def test_ssf_sites_scale_output_channels_and_fold_exactly(tmp_path):
+    torch.manual_seed(0)
+    model = perturbed(Net()).double()
+    base = copy.deepcopy(model)
+    the_plan = rlrr.plan(model, "linear", ssf="stem", trainable="head")
+    stem = {s.name: s for s in the_plan.sites}["stem"]
+    assert stem.method == "ssf" and "conv (ssf)" in the_plan.table()
+    # SSF: one scale and one shift per output channel
+    assert the_plan.adapter_parameters - rlrr.plan(model, "linear", trainable="head").adapter_parameters == 2 * stem.shape[0]
+    rlrr.apply(model, "linear", ssf="stem", trainable="head")
+    randomise_adapters(model)
+    (adapter,) = [a for a in rlrr.adapters_of(model) if a.site.name == "stem"]
+    x = net_input(F64)
+    # the written-out rule: stem's output y becomes s ⊙ y + t along the channel axis
+    y = base.stem(x)
+    expected = y * adapter.rlrr_scale.view(1, -1, 1, 1) + adapter.rlrr_shift.view(1, -1, 1, 1)
+    torch.testing.assert_close(model.stem(x), expected, **TOL)
+    out = run(model, (x,))
+    path = rlrr.save_adapter(model, tmp_path / "ssf.safetensors")
+    other = copy.deepcopy(base)
+    rlrr.load_adapter(other, path)
+    torch.testing.assert_close(run(other, (x,)), out, rtol=0, atol=0)
+    fold(model)
+    torch.testing.assert_close(run(model, (x,)), out, **TOL)
+
+
+class BiasFreeFunctional(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, 4))
+
+    def forward(self, x):
+        return F.linear(x, self.w)  # no bias argument: nothing for a shift to live in
+
+
+def test_ssf_on_a_site_without_a_bias_to_shift_is_refused():
+    model = BiasFreeFunctional()
+    before = snapshot(model)
+    with pytest.raises(rlrr.ConfigError, match="SSF shifts the layer's bias") as info:
+        rlrr.apply(model, ssf="w")
+    assert "'w'" in str(info.value)
+    assert_unchanged(model, before)

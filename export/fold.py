@@ -16,7 +16,7 @@ from torch.nn.utils import parametrize
 
 from adapters import Adapter, BiasOf
 from rlrr.errors import NonFiniteError, NotAdaptedError, RLRRError
-from rlrr.inject import adapters_of
+from rlrr.inject import adapters_of, unregister
 
 
 @dataclass
@@ -40,18 +40,6 @@ def _adapted_tensors(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, Ad
             if len(plist) > 1:
                 raise RLRRError(f"{name}.{attr} has other parametrizations stacked with RLRR; fold cannot order them")
             yield name, m, attr, (first if isinstance(first, Adapter) else first.adapter), isinstance(first, BiasOf)
-
-
-def _own_class(module: nn.Module) -> None:
-    """Give a parametrized module a private copy of its class before parametrizations are removed.
-
-    `copy.deepcopy` of a parametrized module shares PyTorch's generated `Parametrized<X>` class,
-    and `remove_parametrizations` deletes the property from that class: folding one copy would
-    break the other (an EMA copy, the unmerged reference kept for verification).
-    """
-    cls = type(module)
-    namespace = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
-    module.__class__ = type(cls.__name__, cls.__bases__, namespace)
 
 
 def _compute_dtype(t: Tensor) -> torch.dtype:
@@ -83,13 +71,11 @@ def fold_with_report(model: nn.Module) -> tuple[nn.Module, FoldReport]:
             raise NonFiniteError(f"folding site {adapter.site.name} gives non-finite values in {name}.{attr}: the adapter holds NaN/Inf or overflows {value.dtype}; the model was not changed")
     report = FoldReport(sites=len(adapters))
     written: set[int] = set()
-    for m in {id(t[1]): t[1] for t in targets}.values():
-        _own_class(m)
     with torch.no_grad():
         for name, m, attr, adapter, is_bias in targets:
             original = m.parametrizations[attr].original
             value = folded_value(m, attr, adapter, is_bias) if id(original) not in written else None
-            parametrize.remove_parametrizations(m, attr, leave_parametrized=False)
+            unregister(m, attr)
             if value is None:
                 continue  # a tied tensor, already written through its other holder
             written.add(id(original))

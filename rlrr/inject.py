@@ -77,11 +77,31 @@ def _create_tensor(owner: nn.Module, attr: str, value: Tensor, undo: _Undo) -> N
     undo.push(restore)
 
 
+def _own_class(module: nn.Module) -> None:
+    """Give a parametrized module a private copy of its class before a parametrization is removed.
+
+    `copy.deepcopy` of a parametrized module shares PyTorch's generated `Parametrized<X>` class,
+    and `remove_parametrizations` deletes the property from that class: removing it from one copy
+    would break the other (an EMA copy, the unmerged reference kept for verification).
+    """
+    cls = type(module)
+    namespace = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+    module.__class__ = type(cls.__name__, cls.__bases__, namespace)
+
+
+def unregister(module: nn.Module, attr: str) -> Tensor:
+    """Remove a parametrization without folding it; returns the original tensor, back in place."""
+    original = module.parametrizations[attr].original
+    _own_class(module)
+    parametrize.remove_parametrizations(module, attr, leave_parametrized=False)
+    return original
+
+
 def _register(module: nn.Module, attr: str, parametrization: nn.Module, undo: _Undo) -> None:
     # reason: unsafe=True skips parametrize's trial evaluation of W' (seconds on ViT-B); adapters keep
     # the tensor's shape and dtype by construction, which tests/test_adapters.py checks.
     parametrize.register_parametrization(module, attr, parametrization, unsafe=True)
-    undo.push(lambda: parametrize.remove_parametrizations(module, attr, leave_parametrized=False))
+    undo.push(lambda: unregister(module, attr))
 
 
 def _factory(owner: nn.Module) -> dict:

@@ -1,4 +1,4 @@
-"""Adapter-only files: safetensors tensors plus the configuration and sites as metadata.
+"""Adapter-only state: an `AdapterSet` detached from the model, and its safetensors file.
 
 A file holds every adapter parameter (`adapter.<site>.<param>`), every other trained parameter
 such as the head (`trained.<name>`), and metadata: the RLRR config, the sites, the model class and
@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -25,6 +25,17 @@ from rlrr.trace import discover
 
 FORMAT = "rlrr.adapter/1"
 ADAPTER_KEY, TRAINED_KEY = "adapter.", "trained."
+
+
+@dataclass
+class AdapterSet:
+    """One adapter's state outside the model: what `apply` built, and what training changed."""
+
+    config: RLRRConfig
+    sites: list[Site]
+    tensors: dict[str, Tensor]  # "<site>.<param>": adapter parameters
+    trained: dict[str, Tensor] = field(default_factory=dict)  # "<parameter name>": the head and such
+    metadata: dict = field(default_factory=dict)  # the caller's (preset, classes ...)
 
 
 def atomic_write(path: str | os.PathLike, write) -> Path:
@@ -43,47 +54,49 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
     return path
 
 
-def adapter_tensors(model: nn.Module) -> dict[str, Tensor]:
-    """Adapter parameters by `adapter.<site>.<param>`, and other trained ones by `trained.<name>`."""
+def capture(model: nn.Module, metadata: dict | None = None) -> AdapterSet:
+    """The live adapters of `model` as an AdapterSet (sharing the live tensors, not copies)."""
     adapters = adapters_of(model)
     if not adapters:
         raise NotAdaptedError(f"{type(model).__name__} has no RLRR adapter: call rlrr.apply first")
-    out = {}
-    for a in adapters:
-        for name, p in a.named_parameters(recurse=False):
-            out[f"{ADAPTER_KEY}{a.site.name}.{name}"] = p
-    for name, p in model.named_parameters():
-        if p.requires_grad and ".parametrizations." not in f".{name}" and not _is_adapter_param(name):
-            out[f"{TRAINED_KEY}{name}"] = p
-    return out
+    tensors = {f"{a.site.name}.{n}": p for a in adapters for n, p in a.named_parameters(recurse=False)}
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad and ".parametrizations." not in f".{n}"}
+    return AdapterSet(adapters[0].config, [a.site for a in adapters], tensors, trained, dict(metadata or {}))
 
 
-def _is_adapter_param(name: str) -> bool:
-    return ".parametrizations." in f".{name}" and name.rsplit(".", 1)[-1].startswith("rlrr_")
+def adapter_tensors(model: nn.Module) -> dict[str, Tensor]:
+    """Adapter parameters by `adapter.<site>.<param>`, and other trained ones by `trained.<name>`."""
+    return _file_tensors(capture(model))
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike, metadata: dict | None = None) -> Path:
-    """Write the adapters (and trained head) of `model` to a safetensors file, atomically."""
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_tensors(model).items()}
-    adapters = adapters_of(model)
+def _file_tensors(state: AdapterSet) -> dict[str, Tensor]:
+    out = {ADAPTER_KEY + k: v for k, v in state.tensors.items()}
+    return out | {TRAINED_KEY + k: v for k, v in state.trained.items()}
+
+
+def write_adapter_file(path: str | os.PathLike, state: AdapterSet) -> Path:
+    """Write an AdapterSet to a safetensors file, atomically."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in _file_tensors(state).items()}
     meta = {
         "format": FORMAT,
-        "config": json.dumps(adapters[0].config.to_dict()),
-        "sites": json.dumps([a.site.to_dict() for a in adapters]),
-        "model": type(model).__qualname__,
-        "user": json.dumps(metadata or {}),
+        "config": json.dumps(state.config.to_dict()),
+        "sites": json.dumps([s.to_dict() for s in state.sites]),
+        "user": json.dumps(state.metadata),
     }
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
-def read_adapter_file(path: str | os.PathLike) -> tuple[dict[str, Tensor], RLRRConfig, list[Site], dict]:
-    """Tensors, config, sites and caller metadata of an adapter file; AdapterFileError if unreadable."""
+def save_adapter(model: nn.Module, path: str | os.PathLike, metadata: dict | None = None) -> Path:
+    """Write the live adapters (and trained head) of `model` to a safetensors file, atomically."""
+    return write_adapter_file(path, capture(model, metadata))
+
+
+def read_adapter_set(path: str | os.PathLike) -> AdapterSet:
+    """An adapter file as an AdapterSet; AdapterFileError if unreadable or not an rlrr file."""
     path = Path(path)
     if not path.is_file():
         raise AdapterFileError(f"adapter file {path} does not exist")
     try:
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
         tensors = load_file(str(path))
@@ -97,7 +110,29 @@ def read_adapter_file(path: str | os.PathLike) -> tuple[dict[str, Tensor], RLRRC
         user = json.loads(meta.get("user", "{}"))
     except (KeyError, TypeError, ValueError, ConfigError) as e:
         raise AdapterFileError(f"{path} has damaged rlrr metadata: {e}") from e
-    return tensors, config, sites, user
+    adapter = {k[len(ADAPTER_KEY):]: v for k, v in tensors.items() if k.startswith(ADAPTER_KEY)}
+    trained = {k[len(TRAINED_KEY):]: v for k, v in tensors.items() if k.startswith(TRAINED_KEY)}
+    state = AdapterSet(config, sites, adapter, trained, user)
+    check_consistent(state, str(path))
+    return state
+
+
+def read_adapter_file(path: str | os.PathLike) -> tuple[dict[str, Tensor], RLRRConfig, list[Site], dict]:
+    """Tensors (file keys), config, sites and caller metadata of an adapter file."""
+    state = read_adapter_set(path)
+    return _file_tensors(state), state.config, state.sites, state.metadata
+
+
+def check_consistent(state: AdapterSet, source: str) -> None:
+    """The tensors must be exactly those its sites and config call for."""
+    expected = {}
+    for s in state.sites:  # built on the meta device: shapes only, no memory
+        adapter = build_adapter(s, torch.empty(s.shape, device="meta"), state.config)
+        expected |= {f"{s.name}.{n}": tuple(p.shape) for n, p in adapter.named_parameters(recurse=False)}
+    got = {k: tuple(v.shape) for k, v in state.tensors.items()}
+    if got != expected:
+        diff = sorted(set(got) ^ set(expected)) or [k for k in got if got[k] != expected[k]]
+        raise AdapterMismatchError(f"{source}: adapter tensors do not match its own sites and config: {diff[:8]}")
 
 
 def _mismatches(expected: list[Site], found: dict[str, Site]) -> list[str]:
@@ -111,59 +146,47 @@ def _mismatches(expected: list[Site], found: dict[str, Site]) -> list[str]:
     return out
 
 
-def _expected_shapes(sites: list[Site], config: RLRRConfig) -> dict[str, tuple[int, ...]]:
-    shapes = {}
-    for s in sites:  # built on the meta device: shapes only, no memory
-        adapter = build_adapter(s, torch.empty(s.shape, device="meta"), config)
-        for name, p in adapter.named_parameters(recurse=False):
-            shapes[f"{ADAPTER_KEY}{s.name}.{name}"] = tuple(p.shape)
-    return shapes
+def install(model: nn.Module, state: AdapterSet, source: str = "adapter") -> nn.Module:
+    """Make `state` the model's live adapter: adapt a base model with its sites, then copy in.
 
-
-def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load an adapter file into `model`; a base model is adapted with the stored sites first.
-
-    Everything is checked before the model changes: a file for another architecture raises
+    Everything is checked before the model changes: state for another architecture raises
     AdapterMismatchError naming the sites that differ.
     """
-    tensors, config, sites, _ = read_adapter_file(path)
     existing = adapters_of(model)
     if existing:
         found = {a.site.name: a.site for a in existing}
-        extra = sorted(set(found) - {s.name for s in sites})
-        problems = _mismatches(sites, found) + [f"{n}: adapted in the model, not in the file" for n in extra]
-        if existing[0].config != config:
-            problems.insert(0, f"the model was adapted with {existing[0].config}, the file holds {config}")
+        extra = sorted(set(found) - {s.name for s in state.sites})
+        problems = _mismatches(state.sites, found) + [f"{n}: adapted in the model, not in the file" for n in extra]
+        if existing[0].config != state.config:
+            problems.insert(0, f"the model was adapted with {existing[0].config}, the file holds {state.config}")
     else:
         found = {s.name: s for s in discover(model).sites}
-        problems = _mismatches(sites, found)
+        problems = _mismatches(state.sites, found)
     if problems:
-        raise AdapterMismatchError(f"{path} does not fit {type(model).__name__}: {len(problems)} site(s) differ: " + "; ".join(problems[:8]))
-    expected = _expected_shapes(sites, config)
-    got = {k: tuple(v.shape) for k, v in tensors.items() if k.startswith(ADAPTER_KEY)}
-    if got != expected:
-        diff = sorted(set(got) ^ set(expected)) or [k for k in got if got[k] != expected[k]]
-        raise AdapterMismatchError(f"{path}: adapter tensors do not match its own sites and config: {diff[:8]}")
+        raise AdapterMismatchError(f"{source} does not fit {type(model).__name__}: {len(problems)} site(s) differ: " + "; ".join(problems[:8]))
     params = dict(model.named_parameters())
-    trained = {k[len(TRAINED_KEY):]: v for k, v in tensors.items() if k.startswith(TRAINED_KEY)}
-    bad = [f"{n} {tuple(v.shape)} vs {tuple(params[n].shape) if n in params else 'missing'}" for n, v in trained.items()
+    bad = [f"{n} {tuple(v.shape)} vs {tuple(params[n].shape) if n in params else 'missing'}" for n, v in state.trained.items()
            if ".parametrizations." not in n and (n not in params or params[n].shape != v.shape)]
     if bad:
-        raise AdapterMismatchError(f"{path}: trained parameters do not fit {type(model).__name__}: {bad[:8]}")
+        raise AdapterMismatchError(f"{source}: trained parameters do not fit {type(model).__name__}: {bad[:8]}")
     if not existing:
-        attach(model, [replace(found[s.name], method=s.method) for s in sites], config)
-    _copy_in(model, tensors, trained)
+        attach(model, [replace(found[s.name], method=s.method) for s in state.sites], state.config)
+    _copy_in(model, state)
     return model
 
 
+def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load an adapter file into `model`; a base model is adapted with the stored sites first."""
+    return install(model, read_adapter_set(path), str(path))
+
+
 @torch.no_grad()
-def _copy_in(model: nn.Module, tensors: dict[str, Tensor], trained: dict[str, Tensor]) -> None:
+def _copy_in(model: nn.Module, state: AdapterSet) -> None:
     by_site = {a.site.name: a for a in adapters_of(model)}
-    for key, value in tensors.items():
-        if key.startswith(ADAPTER_KEY):
-            site, _, name = key[len(ADAPTER_KEY):].rpartition(".")
-            getattr(by_site[site], name).copy_(value)
+    for key, value in state.tensors.items():
+        site, _, name = key.rpartition(".")
+        getattr(by_site[site], name).copy_(value)
     params = dict(model.named_parameters())
-    for name, value in trained.items():
+    for name, value in state.trained.items():
         params[name].copy_(value)
         params[name].requires_grad_(True)

@@ -7,6 +7,7 @@ adapter leaves the model untouched.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -17,6 +18,7 @@ from torch.nn.utils import parametrize
 from adapters import Adapter, BiasOf
 from rlrr.errors import NonFiniteError, NotAdaptedError, RLRRError
 from rlrr.inject import adapters_of, unregister
+from rlrr.multi import BANK
 
 
 @dataclass
@@ -26,6 +28,7 @@ class FoldReport:
     sites: int = 0
     tensors: int = 0
     created: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)  # named adapters that were not live
 
 
 def _adapted_tensors(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, Adapter, bool]]:
@@ -90,6 +93,11 @@ def fold_with_report(model: nn.Module) -> tuple[nn.Module, FoldReport]:
                 report.created.append(f"{name}.{attr}" if name else attr)
     if adapters_of(model):
         raise RLRRError("fold left adapters behind; this is a bug in rlrr")
+    bank = model.__dict__.pop(BANK, None)
+    if bank is not None:
+        report.dropped = [n for n in bank.sets if n not in bank.active]
+        if report.dropped:
+            warnings.warn(f"rlrr: folded the live adapter {'+'.join(bank.active)}; dropped the others: {report.dropped}", stacklevel=2)
     return model, report
 
 

@@ -20,14 +20,39 @@ from rlrr.errors import (
     NotAdaptedError,
     RLRRError,
     TraceError,
+    UnknownAdapterError,
     UnknownTargetKindError,
 )
 from rlrr.inject import adapters_of
+from rlrr.multi import (
+    active_adapters,
+    add_adapter,
+    combine,
+    delete_adapter,
+    disable_adapters,
+    get_adapter,
+    list_adapters,
+    load_adapters,
+    save_adapters,
+    set_active,
+)
 from rlrr.sites import Plan, Site, Skipped
-from rlrr.state import load_adapter, save_adapter
+from rlrr.state import AdapterSet, load_adapter, save_adapter
 
 __all__ = [
     "KINDS",
+    "AdapterSet",
+    "UnknownAdapterError",
+    "active_adapters",
+    "add_adapter",
+    "combine",
+    "delete_adapter",
+    "disable_adapters",
+    "get_adapter",
+    "list_adapters",
+    "load_adapters",
+    "save_adapters",
+    "set_active",
     "AdapterFileError",
     "AdapterMismatchError",
     "AlreadyAdaptedError",

@@ -45,3 +45,7 @@ class AdapterMismatchError(RLRRError, ValueError):
 
 class NonFiniteError(RLRRError, FloatingPointError):
     """A fold would write NaN or Inf into the model."""
+
+
+class UnknownAdapterError(RLRRError, LookupError):
+    """A named adapter that the model does not hold."""

@@ -150,5 +150,21 @@ def _attach_site(model: nn.Module, site: Site, config: RLRRConfig, holders: dict
     return adapter
 
 
+def detach(model: nn.Module) -> None:
+    """Remove every live adapter without folding it: the model computes its base function again.
+
+    Tensors that `apply` created (a bias for a shift, γ/β of a norm without affine) go back to None.
+    """
+    for m in model.modules():
+        if not parametrize.is_parametrized(m):
+            continue
+        for attr in list(m.parametrizations):
+            if isinstance(m.parametrizations[attr][0], (Adapter, BiasOf)):
+                original = unregister(m, attr)
+                if not isinstance(original, nn.Parameter):
+                    del m._buffers[attr]
+                    m.register_parameter(attr, None)
+
+
 def adapter_bias_shape(site: Site, weight: Tensor) -> tuple[int, ...]:
     return tuple(weight.shape) if site.kind == "norm" else (weight.shape[0],)

@@ -56,6 +56,8 @@ def make_plan(model: nn.Module, targets: Targets, config: RLRRConfig, trainable:
     """Everything `apply` decides, computed without touching the model."""
     if adapters_of(model):
         raise AlreadyAdaptedError(f"{type(model).__name__} already carries RLRR adapters; fold it (export.fold) or build a fresh model first")
+    if getattr(model.__dict__.get("_rlrr_adapter_bank"), "sets", None):
+        raise AlreadyAdaptedError(f"{type(model).__name__} holds named adapters (all inactive): add more with rlrr.add_adapter")
     found = discover(model)
     if not found.sites:
         why = "; ".join(f"{n or '<model>'}: {w}" for n, w in found.not_analysed) or "it has no linear, conv or LayerNorm layer"

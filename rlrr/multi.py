@@ -111,11 +111,13 @@ def add_adapter(model: nn.Module, name: str, targets=None, *, path: str | os.Pat
     else:
         active = bank.active
         _go_live(model, bank, None, ())
+        sets, bank.sets = bank.sets, {}  # apply refuses a model with named adapters
         try:
             apply(model, targets, **options)
             state = capture(model)
             state.trained = {k: v.detach().clone() for k, v in state.trained.items()}
         finally:
+            bank.sets = sets
             detach(model)
             bank.active = ()
             if len(active) == 1:

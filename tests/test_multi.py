@@ -206,3 +206,12 @@ def test_errors_say_what_is_wrong():
     with pytest.raises(rlrr.ConfigError, match="different options"):
         rlrr.combine(model, ["default", "left"], method="concat")
     assert "combined" not in rlrr.list_adapters(model)
+
+
+def test_apply_on_a_model_whose_adapters_are_all_disabled_is_refused():
+    _, model, _ = with_adapters([1])
+    rlrr.disable_adapters(model)
+    with pytest.raises(rlrr.AlreadyAdaptedError, match="named adapters"):
+        rlrr.apply(model)
+    rlrr.add_adapter(model, "more")  # the way to add one
+    assert rlrr.list_adapters(model) == ["default", "more"] and rlrr.active_adapters(model) == ("more",)

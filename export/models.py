@@ -144,12 +144,12 @@ def input_size(model: nn.Module, img_size: int | tuple[int, int] | None = None, 
 
 
 def classifier_name(model: nn.Module) -> str | None:
-    """The classifier head's module name: timm's config says it, else the last nn.Linear."""
+    """The classifier head's module name: timm's config says it, else the last nn.Linear (torchvision)."""
     modules = dict(model.named_modules())
     cfg = getattr(model, "pretrained_cfg", None) or {}
     named = cfg.get("classifier")
-    if isinstance(named, str) and named in modules and any(True for _ in modules[named].parameters()):
-        return named
+    if isinstance(named, str):  # timm says which; an nn.Identity there (num_classes=0) is no head
+        return named if named in modules and any(True for _ in modules[named].parameters()) else None
     linears = [n for n, m in modules.items() if isinstance(m, nn.Linear) and n]
     return linears[-1] if linears else None
 
@@ -184,13 +184,14 @@ def read_weights(path: str | os.PathLike) -> dict[str, Tensor]:
     return state
 
 
-def load_weights(model: nn.Module, path: str | os.PathLike) -> list[str]:
+def load_weights(model: nn.Module, path: str | os.PathLike, state: dict[str, Tensor] | None = None) -> list[str]:
     """Load base weights with strict key checking; returns notes on what was kept as built.
 
     Every key must match in name and shape, except the classifier head's shape (a head built for
     another class count keeps its fresh init, and the adapter file usually brings the trained one).
+    `state`: the file's tensors if already read (`read_weights`).
     """
-    state = read_weights(path)
+    state = dict(read_weights(path) if state is None else state)
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -227,7 +228,8 @@ def wake(model: nn.Module, seed: int = 0) -> list[str]:
     """
     g = torch.Generator().manual_seed(seed)
     changed = []
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+    stats = [(n, b) for n, b in model.named_buffers() if n.rsplit(".", 1)[-1] in ("running_mean", "running_var")]
+    for name, t in [*model.named_parameters(), *stats]:  # other buffers (attention masks ...) are not weights
         if not t.is_floating_point() or t.dim() == 0 or t.numel() < 2:
             continue
         if not bool((t == t.reshape(-1)[0]).all()):

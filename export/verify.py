@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from export.errors import MissingRuntimeError
+from export.errors import MissingRuntimeError, VerificationError
 
 DEFAULT_TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}
 PROVIDERS = ("auto", "cuda", "cpu")
@@ -74,11 +74,11 @@ def compare(expected: Sequence[Sequence[Tensor]], got: Sequence[Sequence[np.ndar
     results = [OutputCheck(n, list(expected[0][i].shape)) for i, n in enumerate(names)]
     for exp_outputs, got_outputs in zip(expected, got):
         if len(got_outputs) != len(exp_outputs):
-            raise ValueError(f"the exported model returns {len(got_outputs)} outputs, the PyTorch model {len(exp_outputs)}")
+            raise VerificationError(f"the exported model returns {len(got_outputs)} outputs, the PyTorch model {len(exp_outputs)}")
         for r, e, g in zip(results, exp_outputs, got_outputs):
             g = torch.as_tensor(np.asarray(g) if not isinstance(g, Tensor) else g).detach().float().cpu()
             if g.shape != e.shape:
-                raise ValueError(f"output {r.name}: exported shape {tuple(g.shape)}, PyTorch shape {tuple(e.shape)}")
+                raise VerificationError(f"output {r.name}: exported shape {tuple(g.shape)}, PyTorch shape {tuple(e.shape)}")
             if not bool(torch.isfinite(g).all()):
                 r.finite = False
                 r.max_abs = r.max_rel = float("inf")
@@ -125,7 +125,10 @@ def import_onnxruntime():
     try:
         import onnxruntime
     except ImportError as e:
-        raise MissingRuntimeError(f"onnxruntime is not installed, so the exported model cannot be verified: {INSTALL_HINT}") from e
+        raise MissingRuntimeError(
+            f"onnxruntime is not installed, so the exported model cannot be verified: {INSTALL_HINT}; "
+            "or export without checking: --no-verify (verify=False)"
+        ) from e
     return onnxruntime
 
 

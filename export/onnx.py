@@ -1,0 +1,218 @@
+"""`python -m export.onnx`: fold an RLRR model, export ONNX, verify it in onnxruntime.
+
+    python -m export.onnx                                   # the built-in demo, into ./
+    python -m export.onnx --model vit_base_patch16_224      # random weights, random adapter
+    python -m export.onnx --adapter adapter.safetensors --weights base.pth --out model.onnx
+
+The ONNX file is written with torch's dynamo exporter (`torch.onnx.export(dynamo=True)`) with a
+dynamic batch axis, as one self-contained file below 2 GB and with external data above
+(`model.onnx.data`), checked with `onnx.checker` (full check, by path) and run in onnxruntime
+(CUDA where onnxruntime-gpu and a GPU are present, else CPU), against the unmerged model.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from torch import Tensor, nn
+
+from export.errors import ExportError, VerificationError
+from export.files import data_path
+from export.pipeline import ModelSpec, run_export
+from export.report import ExportReport
+from export.verify import PROVIDERS, Session, make_session, provider_list
+
+DEFAULT_OPSET = 20  # torch 2.14's default; onnxruntime >= 1.17 runs it
+EXTERNAL_DATA = ("auto", "yes", "no")
+PROTOBUF_LIMIT = 2**31  # a single .onnx file cannot exceed 2 GiB
+_MARGIN = 64 * 2**20  # room for the graph itself
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of the parameters and buffers the ONNX file would hold."""
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_OP_PATTERNS = (
+    re.compile(r"No ONNX function found for <OpOverload\(op='([\w.]+)', overload='(\w+)'\)"),
+    re.compile(r"target=torch\.ops\.([\w.]+)"),
+    re.compile(r"Unsupported FX nodes: (\{.*?\})"),
+)
+
+
+def unsupported_op(error: BaseException) -> str | None:
+    """The op named in an exporter error, if any ("mylib.op.default")."""
+    seen = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        text = _ANSI.sub("", str(e))
+        for pattern in _OP_PATTERNS:
+            m = pattern.search(text)
+            if m:
+                return ".".join(g for g in m.groups() if g)
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _summary(error: BaseException) -> str:
+    text = _ANSI.sub("", str(error)).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    keep = [line for line in lines if line.startswith("<class") or "Error" in line[:60]] or lines[:3]
+    return " | ".join(keep[:3])[:1200]
+
+
+class OnnxRunner:
+    """An onnxruntime session that takes torch tensors."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.providers = session.providers
+        self.note = session.note
+
+    def run(self, x: Tensor) -> list[np.ndarray]:
+        try:
+            return self.session.run(x.detach().cpu().numpy())
+        except Exception as e:  # onnxruntime's own exception types are not importable portably
+            raise VerificationError(f"onnxruntime cannot run the exported model on input {tuple(x.shape)} {x.dtype}: {type(e).__name__}: {e}") from e
+
+
+class OnnxExporter:
+    """Writes, checks and reloads ONNX (see the module docstring)."""
+
+    tool = "export.onnx"
+    format = "onnx"
+
+    def __init__(self, *, opset: int = DEFAULT_OPSET, provider: str = "auto", external_data: str = "auto") -> None:
+        if provider not in PROVIDERS:
+            raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
+        if external_data not in EXTERNAL_DATA:
+            raise ValueError(f"external_data must be one of {EXTERNAL_DATA}, got {external_data!r}")
+        self.opset, self.provider, self.external_data = opset, provider, external_data
+        self.used_external: bool | None = None
+
+    def options(self) -> dict:
+        data = {"auto": "if over 2 GB", "yes": "yes", "no": "no"}[self.external_data]
+        if self.used_external is not None:
+            data = "yes (weights in a .data file beside it)" if self.used_external else "no (one self-contained file)"
+        return {"exporter": "torch.onnx dynamo", "opset": self.opset, "dynamic axes": "batch", "external data": data}
+
+    def require_runtime(self) -> None:
+        provider_list(self.provider)
+
+    def companions(self, out: Path) -> list[Path]:
+        return [data_path(out)]
+
+    def _external(self, model: nn.Module) -> bool:
+        size = model_bytes(model)
+        if self.external_data == "no" and size > PROTOBUF_LIMIT - _MARGIN:
+            raise ExportError(f"the model holds {size / 2**30:.2f} GiB of weights: above ONNX's 2 GiB single-file limit, it needs external data (external_data='auto' or 'yes')")
+        return self.external_data == "yes" or (self.external_data == "auto" and size > PROTOBUF_LIMIT - _MARGIN)
+
+    def export(self, model: nn.Module, example: Tensor, path: Path, output_names: list[str]) -> list[Path]:
+        import torch
+
+        external = self.used_external = self._external(model)  # options() reports the last (folded) export
+        batch = torch.export.Dim("batch", min=1)
+        try:
+            torch.onnx.export(
+                model, (example,), str(path), dynamo=True, dynamic_shapes=({0: batch},), external_data=external,
+                opset_version=self.opset, input_names=["input"], output_names=output_names, verbose=False,
+            )
+        except Exception as e:  # the exporter raises many kinds; all mean "this model did not export"
+            op = unsupported_op(e)
+            what = f"op {op} has no ONNX translation at opset {self.opset}" if op else _summary(e)
+            hint = " (register one with torch.onnx's custom_translation_table, or replace the op)" if op else ""
+            raise ExportError(f"torch.onnx cannot export {type(model).__name__}: {what}{hint}") from e
+        files = [path] + ([data_path(path)] if data_path(path).exists() else [])
+        return files
+
+    def check(self, path: Path) -> None:
+        import onnx
+
+        try:
+            onnx.checker.check_model(str(path), full_check=True)  # by path: works past 2 GB
+        except Exception as e:
+            raise ExportError(f"onnx.checker rejects the exported file: {type(e).__name__}: {e}") from e
+
+    def load(self, path: Path) -> OnnxRunner:
+        try:
+            return OnnxRunner(make_session(str(path), self.provider))
+        except (ImportError, ExportError):
+            raise
+        except Exception as e:
+            raise ExportError(f"onnxruntime cannot load the exported file: {type(e).__name__}: {e}") from e
+
+
+def export_onnx(
+    model: nn.Module | ModelSpec | str | None,
+    out: str | os.PathLike,
+    *,
+    adapter: str | os.PathLike | None = None,
+    opset: int = DEFAULT_OPSET,
+    provider: str = "auto",
+    external_data: str = "auto",
+    input_shape: Sequence[int] | None = None,
+    dtype: str = "fp32",
+    batch_sizes: Sequence[int] = (1, 4),
+    inputs_per_batch: int = 3,
+    seed: int = 0,
+    rank: int = 1,
+    tolerance: float | None = None,
+    verify: bool = True,
+    latency_runs: int = 20,
+    warmup: int = 3,
+    force: bool = False,
+    keep_on_fail: bool = False,
+    progress=None,
+) -> ExportReport:
+    """Fold `model`'s RLRR adapters, export ONNX to `out`, verify it in onnxruntime, write `out.json`.
+
+    `model`: a module (adapted in place and folded), a `ModelSpec` / name to build, or None for
+    the model the adapter file names. The adapter: `adapter` file, else the model's own, else a
+    seeded random one. `input_shape` is (C, H, W) (default: the model's config, else 3x224x224).
+    Verification runs `inputs_per_batch` seeded inputs at each of `batch_sizes` through the file
+    and through the unmerged model; it passes when max |diff| / max |expected| <= `tolerance`
+    (default 1e-4 fp32, 1e-2 fp16) for every output. `provider`: "auto" (CUDA if onnxruntime-gpu
+    runs, else CPU), "cuda" or "cpu". `external_data`: "auto" (above 2 GB), "yes" or "no".
+    Latency: median of `latency_runs` after `warmup`, folded vs the base model's own export
+    (0 skips it). Returns the report; raises VerificationError past tolerance (file removed
+    unless `keep_on_fail`), ExportError, MissingRuntimeError (onnxruntime absent and `verify`),
+    OutputError, and rlrr's errors for bad models or adapter files.
+    """
+    exporter = OnnxExporter(opset=opset, provider=provider, external_data=external_data)
+    return run_export(
+        model, out, exporter, adapter=adapter, input_shape=input_shape, dtype=dtype, batch_sizes=batch_sizes,
+        inputs_per_batch=inputs_per_batch, seed=seed, rank=rank, tolerance=tolerance, verify=verify,
+        latency_runs=latency_runs, warmup=warmup, force=force, keep_on_fail=keep_on_fail, progress=progress,
+    )
+
+
+def _add_arguments(parser) -> None:
+    group = parser.add_argument_group("ONNX")
+    group.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    group.add_argument("--provider", choices=PROVIDERS, default="auto",
+                       help="onnxruntime provider for verification and latency: auto = CUDA where onnxruntime-gpu and a GPU are present, else CPU (default auto)")
+    group.add_argument("--external-data", choices=EXTERNAL_DATA, default="auto",
+                       help="write weights to OUT.data: auto = only above ONNX's 2 GB single-file limit (default auto)")
+
+
+def _make_exporter(args) -> OnnxExporter:
+    return OnnxExporter(opset=args.opset, provider=args.provider, external_data=args.external_data)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from export.cli import run_cli
+
+    return run_cli(argv, prog="python -m export.onnx", doc=__doc__, suffix=".onnx", add_arguments=_add_arguments, make_exporter=_make_exporter)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

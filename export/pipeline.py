@@ -1,0 +1,354 @@
+"""The deployment path shared by every format: build, adapt, fold, export, check, verify, time.
+
+    build base -> (export base, for latency) -> adapter (file / model's own / seeded random)
+    -> reference outputs of the *unmerged* model -> fold (Eq. 20) -> export -> check
+    -> reload in the runtime -> compare at several batch sizes -> latency -> report
+
+The format-specific parts (how to write, check and reload a file) are an `Exporter`; see
+`export.onnx` and `export.torchscript`. Reference outputs are computed from the unmerged model
+itself, before it is folded, so no second adapted copy is kept for them.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+import rlrr
+from export.adapt import AdapterInfo, describe_random, random_adapter, read_metadata
+from export.errors import VerificationError
+from export.files import Staging, report_path
+from export.fold import fold_with_report
+from export.models import ModelInfo, build_model, input_size, load_weights, read_weights, wake
+from export.report import ExportReport, Latency
+from export.verify import DEFAULT_TOLERANCE, compare, flatten, make_inputs, median_latency, paired_latency, reference_outputs
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+Progress = Callable[[str, "float | None"], None]  # (step text, None at start / seconds at the end)
+
+
+@dataclass
+class ModelSpec:
+    """A base model to build by name (timm, torchvision, or `package.module:function`)."""
+
+    name: str
+    num_classes: int | None = None
+    img_size: int | tuple[int, int] | None = None
+    model_kwargs: dict = field(default_factory=dict)
+    weights: str | os.PathLike | None = None  # local base weights; None: random init, woken (see models.wake)
+
+
+DEFAULT_SPEC = ModelSpec("vit_tiny_patch16_224", num_classes=10, img_size=224)
+
+
+def resolve_spec(
+    name: str | None = None,
+    *,
+    adapter: str | os.PathLike | None = None,
+    num_classes: int | None = None,
+    img_size: int | tuple[int, int] | None = None,
+    model_kwargs: dict | None = None,
+    weights: str | os.PathLike | None = None,
+) -> ModelSpec:
+    """The model to build: what the adapter file says (its metadata), overridden by the arguments.
+
+    A name that contradicts the adapter file's raises AdapterMismatchError; no name and no file
+    gives the built-in demo (`DEFAULT_SPEC`).
+    """
+    meta = read_metadata(adapter) if adapter is not None else {}
+    if name and meta.get("model") and _plain(name) != _plain(meta["model"]):
+        raise rlrr.AdapterMismatchError(f"--model {name!r} but the adapter file {adapter} was made for {meta['model']!r}; drop --model or use the matching adapter")
+    if adapter is not None and not name and not meta.get("model"):
+        raise rlrr.ConfigError(f"the adapter file {adapter} does not say which model it was made for (no 'model' in its metadata): pass --model")
+    if not name and adapter is None:
+        default = DEFAULT_SPEC
+        return ModelSpec(default.name, num_classes or default.num_classes, img_size or default.img_size, dict(model_kwargs or {}), weights)
+    kwargs = {**meta.get("model_kwargs", {}), **(model_kwargs or {})}
+    return ModelSpec(name or meta["model"], num_classes if num_classes is not None else meta.get("num_classes"),
+                     img_size or _size(meta.get("img_size")), kwargs, weights)
+
+
+def _plain(name: str) -> str:
+    prefix, sep, rest = name.partition(":")
+    return rest if sep and prefix in ("timm", "torchvision", "tv") else name
+
+
+def _size(value) -> int | tuple[int, int] | None:
+    return tuple(value) if isinstance(value, list) else value
+
+
+class Runner(Protocol):
+    """A reloaded export: runs a batch and says what runs it."""
+
+    providers: list[str]
+    note: str
+
+    def run(self, x: Tensor) -> list: ...
+
+
+class Exporter(Protocol):
+    """How one format writes, checks and reloads a model."""
+
+    tool: str
+    format: str
+
+    def options(self) -> dict: ...
+
+    def require_runtime(self) -> None: ...
+
+    def companions(self, out: Path) -> list[Path]: ...
+
+    def export(self, model: nn.Module, example: Tensor, path: Path, output_names: list[str]) -> list[Path]: ...
+
+    def check(self, path: Path) -> None: ...
+
+    def load(self, path: Path) -> Runner: ...
+
+
+class Steps:
+    """Numbered steps, timed, announced through `progress`."""
+
+    def __init__(self, progress: Progress | None, total: int) -> None:
+        self.progress, self.total, self.done = progress, total, 0
+        self.timings: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, label: str) -> Iterator[None]:
+        self.done += 1
+        text = f"[{self.done}/{self.total}] {label}"
+        if self.progress:
+            self.progress(text, None)
+        start = time.perf_counter()
+        yield
+        seconds = time.perf_counter() - start
+        self.timings[label] = round(seconds, 3)
+        if self.progress:
+            self.progress(text, seconds)
+
+
+def _count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _adapter_count(model: nn.Module) -> int:
+    return sum(p.numel() for a in rlrr.adapters_of(model) for p in a.parameters(recurse=False))
+
+
+def _ours(filename: str) -> bool:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        Path(filename).resolve().relative_to(root)
+    except ValueError:
+        return False
+    return "site-packages" not in filename
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for dist in ("torch", "timm", "torchvision", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def run_export(
+    model: nn.Module | ModelSpec | str | None,
+    out: str | os.PathLike,
+    exporter: Exporter,
+    *,
+    adapter: str | os.PathLike | None = None,
+    input_shape: Sequence[int] | None = None,
+    dtype: str = "fp32",
+    batch_sizes: Sequence[int] = (1, 4),
+    inputs_per_batch: int = 3,
+    seed: int = 0,
+    rank: int = 1,
+    tolerance: float | None = None,
+    verify: bool = True,
+    latency_runs: int = 20,
+    warmup: int = 3,
+    force: bool = False,
+    keep_on_fail: bool = False,
+    progress: Progress | None = None,
+    info: ModelInfo | None = None,
+) -> ExportReport:
+    """Fold and export `model`, verify the file against the unmerged model, and write the report.
+
+    `model` is a module (never changed: a copy is adapted and folded), a `ModelSpec`, a name
+    (`ModelSpec(name)`), or None (the model the adapter file names). The adapter comes from `adapter` (a file from
+    `rlrr.save_adapter`), else from the model if it is already adapted, else it is a seeded
+    random one (said in the report). Writes `out` (and `out.json`, the report) atomically, only
+    when verification passed or `keep_on_fail`; raises VerificationError (with the report) when
+    outputs differ past `tolerance`. See `export.onnx.export_onnx` for the options.
+    """
+    if dtype not in DTYPES:
+        raise rlrr.ConfigError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+    batch_sizes = [int(b) for b in batch_sizes]
+    if not batch_sizes or min(batch_sizes) < 1 or inputs_per_batch < 1:
+        raise rlrr.ConfigError(f"batch sizes must be >= 1 and inputs per batch >= 1, got {batch_sizes} and {inputs_per_batch}")
+    spec = resolve_spec(model, adapter=adapter) if model is None or isinstance(model, str) else model if isinstance(model, ModelSpec) else None
+    tolerance = DEFAULT_TOLERANCE[dtype] if tolerance is None else float(tolerance)
+    out = Path(out)
+    staging = Staging(out, companions=[report_path(out), *exporter.companions(out)], inputs=[adapter, spec.weights if spec else None], force=force)
+    with staging, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if verify:
+            exporter.require_runtime()
+        adapted = spec is None and bool(rlrr.adapters_of(model))
+        timed = verify and latency_runs > 0 and not adapted
+        steps = Steps(progress, 5 + (spec is not None) + timed + verify + (verify and latency_runs > 0))
+        if spec is not None:
+            with steps(f"building {spec.name}" + (f" and loading {spec.weights}" if spec.weights else "")):
+                model, info = _build(spec, seed)
+        else:
+            info = info or ModelInfo(name=type(model).__name__)
+        shape = tuple(input_shape) if input_shape is not None else input_size(model, *((spec.img_size, spec.model_kwargs) if spec else ()))
+        run = _Run(model.eval(), exporter, staging, shape, DTYPES[dtype], seed)
+        base_params = None if adapted else _count(model)
+        base = model if timed else None  # kept plain for its own export
+        if spec is None or timed:  # the caller's module is never changed; the base stays plain
+            run.model = copy.deepcopy(model)
+
+        with steps("adapter: " + (f"loading {adapter}" if adapter else "the model's own" if adapted else f"seeded random (seed {seed}, rank {rank})")):
+            ainfo = _adapt(run.model, adapter, adapted, seed, rank)
+        if timed:
+            with steps(f"exporting the base model (for the latency comparison) to {exporter.format}"):
+                base_path = run.export(base, "base." + out.name)[0]
+        del base
+        adapter_params, adapted_params = _adapter_count(run.model), _count(run.model)
+
+        inputs = make_inputs(shape, batch_sizes, inputs_per_batch, seed) if verify else []
+        with steps(f"reference outputs of the unmerged model ({len(inputs)} inputs)"):
+            expected = reference_outputs(run.model, inputs)
+        with steps("folding the adapters into the weights (Eq. 20)"):
+            _, fold_report = fold_with_report(run.model)
+            run.model.to(run.dtype).eval()
+            created = sum(run.model.get_parameter(n).numel() for n in fold_report.created)
+        with steps(f"exporting the folded model to {exporter.format}"):
+            files = run.export(run.model, out.name)
+        with steps(f"checking the {exporter.format} file"):
+            exporter.check(files[0])
+
+        report = ExportReport(
+            tool=exporter.tool, format=exporter.format, out=str(out), model=_model_dict(info), adapter=_adapter_dict(ainfo),
+            input_shape=list(shape), dtype=dtype, batch_sizes=batch_sizes, inputs_per_batch=inputs_per_batch, seed=seed,
+            tolerance=tolerance, options=exporter.options(), versions=_versions(),
+            parameters={"base": adapted_params - adapter_params if base_params is None else base_params, "adapter": adapter_params,
+                        "adapted": adapted_params, "folded": _count(run.model), "created": created},
+            files=[str(out.with_name(f.name)) for f in files], size_bytes=sum(f.stat().st_size for f in files),
+        )
+        if verify:
+            with steps(f"verifying against the unmerged model at batch {', '.join(map(str, batch_sizes))}"):
+                runner = exporter.load(files[0])
+                report.runtime = {"providers": runner.providers, "note": runner.note}
+                report.outputs = compare(expected, [runner.run(run.cast(x)) for x in inputs], run.names)
+                report.passed = all(o.passed(tolerance) for o in report.outputs)
+            if latency_runs > 0:
+                with steps(f"latency, folded vs base ({latency_runs} runs after {warmup} warm-up)"):
+                    report.latency = _latency(exporter, runner, base_path if timed else None, run, max(batch_sizes), warmup, latency_runs)
+        report.timings = {**steps.timings, "total": round(sum(steps.timings.values()), 3)}
+        report.warnings = [f"{w.category.__name__}: {w.message}" for w in caught if _ours(w.filename)] + [f"base weights: {n}" for n in info.notes]
+        report.kept = report.passed is not False or keep_on_fail
+        if report.kept:
+            staged_json = staging.path(out.name + ".json")
+            staged_json.write_text(report.to_json())
+            staging.commit([*[(f, out.with_name(f.name)) for f in reversed(files)], (staged_json, report_path(out))])
+    if report.passed is False:
+        worst = max(report.outputs, key=lambda o: o.max_rel)
+        raise VerificationError(
+            f"{exporter.format} output {worst.name!r} differs from the unmerged model: max rel error {worst.max_rel:.3e} "
+            f"(max abs {worst.max_abs:.3e}) > tolerance {tolerance:.1e}" + ("; file kept (keep_on_fail)" if report.kept else "; nothing written"),
+            report,
+        )
+    return report
+
+
+class _Run:
+    """What the steps share: the model being exported, where files go, the example input."""
+
+    def __init__(self, model: nn.Module, exporter: Exporter, staging: Staging, shape: tuple, dtype: torch.dtype, seed: int) -> None:
+        self.model, self.exporter, self.staging, self.shape, self.dtype, self.seed = model, exporter, staging, shape, dtype, seed
+        self.device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        self.example = make_inputs(shape, [2], 1, seed + 7)[0]  # batch 2: an example batch of 1 gets specialised
+        own = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        with torch.no_grad():
+            n = len(flatten(model(self.example.to(self.device, own))))
+        self.names = ["output"] if n == 1 else [f"output{i}" for i in range(n)]
+
+    def cast(self, x: Tensor) -> Tensor:
+        return x.to(self.device, self.dtype)
+
+    def export(self, model: nn.Module, name: str) -> list[Path]:
+        if next(model.parameters()).dtype != self.dtype:
+            model = model.to(self.dtype)
+        return self.exporter.export(model, self.cast(self.example), self.staging.path(name), self.names)
+
+
+def _build(spec: ModelSpec, seed: int) -> tuple[nn.Module, ModelInfo]:
+    state = read_weights(spec.weights) if spec.weights else None  # an unreadable file fails before the build
+    model, info = build_model(spec.name, num_classes=spec.num_classes, img_size=spec.img_size, model_kwargs=spec.model_kwargs)
+    if spec.weights:
+        info.weights = str(spec.weights)
+        info.notes += load_weights(model, spec.weights, state)
+    else:
+        woken = wake(model, seed)
+        info.weights = f"random init, seed {seed}" + (f" ({len(woken)} constant tensors such as zero-init gammas redrawn)" if woken else "")
+    return model, info
+
+
+def _adapt(model: nn.Module, adapter, adapted: bool, seed: int, rank: int) -> AdapterInfo:
+    if adapter is not None:
+        rlrr.load_adapter(model, adapter)
+        info = AdapterInfo("file", f"adapter file {adapter}")
+    elif adapted:
+        info = AdapterInfo("model", "adapters already in the model")
+    else:
+        random_adapter(model, seed=seed, rank=rank)
+        info = AdapterInfo("random", describe_random(seed, rank))
+    adapters = rlrr.adapters_of(model)
+    info.sites, info.config = len(adapters), adapters[0].config.to_dict()
+    model.eval()
+    return info
+
+
+def _latency(exporter: Exporter, runner: Runner, base_path: Path | None, run: _Run, batch: int, warmup: int, runs: int) -> Latency:
+    x = run.cast(make_inputs(run.shape, [batch], 1, run.seed + 11)[0])
+    lat = Latency(batch=batch, warmup=warmup, runs=runs)
+    if base_path is None:
+        lat.folded_ms = median_latency(lambda: runner.run(x), warmup, runs)
+        lat.note = "no base export to compare with (the model came already adapted)"
+        return lat
+    base = exporter.load(base_path)
+    lat.base_ms, lat.folded_ms = paired_latency(lambda: base.run(x), lambda: runner.run(x), warmup, runs)
+    lat.note = f"same runtime and options ({', '.join(runner.providers)})"
+    return lat
+
+
+def _model_dict(info: ModelInfo) -> dict:
+    return {"name": info.name, "source": info.source, "weights": info.weights, "kwargs": _jsonable(info.kwargs), "notes": info.notes}
+
+
+def _adapter_dict(info: AdapterInfo) -> dict:
+    return {"origin": info.origin, "description": info.description, "sites": info.sites, "config": info.config}
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value if isinstance(value, (str, int, float, bool, type(None))) else repr(value)

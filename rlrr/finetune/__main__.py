@@ -1,0 +1,156 @@
+"""`python -m rlrr.finetune`: fine-tune a zoo preset's RLRR adapters and head with the paper's recipe.
+
+    python -m rlrr.finetune --preset vit_tiny_patch16_224 --epochs 2 --output runs/smoke      # generated data
+    python -m rlrr.finetune --preset vit_base_patch16_224 --weights ViT-B_16.npz \\
+        --data vtab-1k/cifar --dataset cifar100 --protocol final --output runs/cifar
+    torchrun --nproc_per_node 2 -m rlrr.finetune ...                                          # DDP
+    python -m rlrr.finetune --resume --output runs/cifar                                       # continue exactly
+
+The output folder then holds last.safetensors, best.safetensors (adapters, head and the metadata
+`python -m export.onnx --adapter FILE` builds the model from), metrics.csv, metrics.json and
+checkpoints/epoch-NNNN.pt (the training state --resume reads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from rlrr.errors import RLRRError
+from rlrr.finetune.config import AMP, PROGRESS, FinetuneConfig
+from rlrr.finetune.data import CROPS, PROTOCOLS
+
+EXIT_OK, EXIT_BUG, EXIT_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+SUPPRESS = argparse.SUPPRESS
+
+EPILOG = """\
+Defaults: Table 3 of the paper (AdamW, cosine decay, 100 epochs, 10 warm-up epochs) and the
+official code (lr 3e-3, weight decay 5e-5, batch 32, seed 42); --dataset NAME takes the official
+per-dataset lr, weight decay, drop path, flip and batch size (--list-datasets). Without --data a
+small dataset is generated in memory: a smoke test, not a benchmark. Without --weights the model
+is random. --batch-size is the global batch of one update: processes x micro-batch x --accum.
+
+exit status: 0 done, 2 bad input (nothing trained), 130 interrupted (the last complete
+checkpoint is intact: continue with --resume), 1 anything else.
+"""
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m rlrr.finetune", description=__doc__.split("\n")[0], epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=SUPPRESS)
+    m = p.add_argument_group("model")
+    m.add_argument("--preset", metavar="NAME", help="zoo preset (default vit_base_patch16_224; python -m zoo.params lists them)")
+    m.add_argument("--tiny", action="store_true", help="the preset's test-size twin (32-64 px, seconds per epoch on a CPU)")
+    m.add_argument("--weights", metavar="FILE", help="local pretrained weights: .npz (Google ViT, read by timm), .safetensors, .pth")
+    m.add_argument("--rank", type=int, help="RLRR rank (default: the preset's, 1)")
+    m.add_argument("--init", choices=("paper", "identity"), help="adapter init: paper (official, Table 10; default) or identity")
+    m.add_argument("--targets", nargs="+", metavar="PATTERN", help="RLRR sites instead of the preset's placement (rlrr.apply targets)")
+    m.add_argument("--img-size", type=int, help="input size (default: the preset's)")
+    m.add_argument("--drop-path", type=float, help="stochastic depth rate, timm models (default: the dataset preset's, else 0)")
+    d = p.add_argument_group("data")
+    d.add_argument("--data", metavar="DIR", help="ImageFolder tree, VTAB-1k lists or FGVC json files; omitted: generated data")
+    d.add_argument("--dataset", metavar="NAME", help="a VTAB-1k/FGVC recipe preset (--list-datasets)")
+    d.add_argument("--protocol", choices=PROTOCOLS, help="tune: train/val (default); final: train+val, evaluate on test (official)")
+    d.add_argument("--crop", choices=CROPS, help="train crop: resize (VTAB), random-resized (FGVC, the paper), resize-random (official FGVC code)")
+    d.add_argument("--flip", action=argparse.BooleanOptionalAction, help="random horizontal flip (default on, or the dataset preset's)")
+    d.add_argument("--workers", type=int, help="DataLoader workers (default 0 for generated data, else min(4, CPUs))")
+    r = p.add_argument_group("recipe")
+    r.add_argument("--epochs", type=int, help="epochs (default 100, Table 3)")
+    r.add_argument("--batch-size", type=int, help="global batch per update (default 32, or the dataset preset's)")
+    r.add_argument("--accum", type=int, help="gradient accumulation steps per update (default 1)")
+    r.add_argument("--lr", type=float, help="peak learning rate (default 3e-3, or the dataset preset's)")
+    r.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 5e-5, or the dataset preset's)")
+    r.add_argument("--warmup-epochs", type=float, help="linear warm-up epochs (default min(10, epochs/10))")
+    r.add_argument("--cooldown-epochs", type=float, help="epochs at min lr after the cosine (default 0; the official scripts add 10)")
+    r.add_argument("--min-lr", type=float, help="lr at the end of the cosine (default 1e-8, official)")
+    r.add_argument("--warmup-lr", type=float, help="lr at the start of warm-up (default 1e-7, official)")
+    r.add_argument("--label-smoothing", type=float, help="label smoothing (default 0; 0.1 with --mixup)")
+    r.add_argument("--mixup", action="store_true", help="timm Mixup/CutMix with the official AugReg values")
+    r.add_argument("--drop-last", action=argparse.BooleanOptionalAction, help="drop the last incomplete batch (default off)")
+    r.add_argument("--amp", choices=AMP, help="mixed precision: auto (bf16 on CUDA, off on CPU; default), off, bf16, fp16 (CUDA)")
+    r.add_argument("--device", help="auto (default), cpu, cuda")
+    r.add_argument("--seed", type=int, help="seed of everything random (default 42)")
+    o = p.add_argument_group("output")
+    o.add_argument("--output", metavar="DIR", help="run folder (default ./output)")
+    o.add_argument("--resume", nargs="?", const="auto", metavar="PATH",
+                   help="continue a run exactly: its newest checkpoint (no PATH: --output's), a run folder or a checkpoint file")
+    o.add_argument("--force", action="store_true", help="start over in an output folder that holds a run (its files are replaced)")
+    o.add_argument("--progress", choices=PROGRESS, help="auto (a bar on a terminal, else lines; default), bar, lines, none")
+    o.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    o.add_argument("--log-every", type=int, help="in lines mode, a line every N updates (default: about ten an epoch for epochs of 20+ updates)")
+    o.add_argument("--no-test", action="store_true", help="do not evaluate the best checkpoint on the test split at the end")
+    p.add_argument("--list-datasets", action="store_true", help="print the VTAB-1k/FGVC recipe presets and exit")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
+    """The run's config: defaults, or the resumed checkpoint's options, overridden by the flags given."""
+    given = dict(vars(args))
+    given.pop("list_datasets", None)
+    if given.pop("quiet", False):
+        given["progress"] = "none"
+    if given.pop("no_test", False):
+        given["evaluate_test"] = False
+    if "targets" in given:
+        given["targets"] = tuple(given["targets"])
+    base = {}
+    if "resume" in given:
+        from rlrr.finetune import checkpoint as ckpt
+
+        source = ckpt.resolve_resume(given["resume"], Path(given.get("output", FinetuneConfig.output)))
+        stored = ckpt.load_state(source)["config"]
+        base = {k: v for k, v in stored.items() if k != "classes"}
+    return FinetuneConfig.from_dict({**base, **given})
+
+
+def list_datasets() -> str:
+    from rlrr.finetune.recipe import DATASETS
+
+    lines = [f"{'name':22} {'benchmark':9} {'official':22} {'classes':>7} {'lr':>7} {'wd':>7} {'drop path':>9} {'flip':>5}",
+             "(values from the official configs, github.com/zstarN70/RLRR RLRRDatasets/VTABConfig.py, FGVCConfig.py; batch 32)"]
+    for name, r in DATASETS.items():
+        lines.append(f"{name:22} {r.benchmark:9} {r.official:22} {r.num_classes:7} {r.lr:7g} {r.weight_decay:7g} {r.drop_path:9g} "
+                     f"{'yes' if r.flip else 'no':>5}" + ("  drop_last" if r.drop_last else ""))
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if getattr(args, "list_datasets", False):
+        print(list_datasets())
+        return EXIT_OK
+    from rlrr.finetune.loop import finetune
+
+    config = None
+    try:
+        config = config_from_args(args)
+        finetune(config)
+    except RLRRError as e:
+        print(f"rlrr.finetune: error: {e}", file=sys.stderr)
+        return EXIT_INPUT
+    except KeyboardInterrupt:
+        _interrupted(config)
+        return EXIT_INTERRUPTED
+    return EXIT_OK
+
+
+def _interrupted(config: FinetuneConfig | None) -> None:
+    import os
+
+    from rlrr.finetune import checkpoint as ckpt
+
+    if config is None or os.environ.get("RANK", "0") != "0":
+        return
+    output = Path(config.output)
+    states = ckpt.list_states(output)
+    if states:
+        print(f"\nrlrr.finetune: interrupted; the last complete checkpoint is {states[-1][1]} (epoch {states[-1][0]}). "
+              f"Continue with: python -m rlrr.finetune --resume --output {output}", file=sys.stderr)
+    else:
+        print("\nrlrr.finetune: interrupted before the first epoch ended: no checkpoint was written", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

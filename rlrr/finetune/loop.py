@@ -1,0 +1,383 @@
+"""The fine-tuning loop as a function: `finetune(FinetuneConfig(...))`.
+
+    prepare (every check, before training) -> build (seeded) -> [resume] -> DDP
+    -> per epoch: train (accumulation, AMP, per-update cosine) -> validate -> files -> state (commit)
+    -> the best checkpoint on the test split
+
+Only the adapters and the head train (what `rlrr.apply` leaves trainable); frozen BatchNorm runs
+in eval mode. Everything random is seeded: a run on CPU repeats bit for bit, a resumed run equals
+the uninterrupted one, and N processes equal one process with the same global batch up to
+floating-point summation order (data order and augmentation do not depend on the process count).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+import zoo
+from rlrr.finetune import checkpoint as ckpt
+from rlrr.finetune import distributed
+from rlrr.finetune.config import RESOLVED_FIELDS, RUN_FIELDS, FinetuneConfig
+from rlrr.finetune.data import Augmented, DataSource, ShardSampler, load_data, train_sampler, transforms
+from rlrr.finetune.errors import BatchSizeError, CheckpointError, RecipeError, ResumeMismatchError
+from rlrr.finetune.model import Built, build, copy_trainable, counts, freeze_frozen_norms, metadata
+from rlrr.finetune.progress import Progress
+from rlrr.finetune.recipe import dataset_recipe, make_loss, make_mixup, make_optimizer, make_scheduler, parameter_groups
+
+Hook = Callable[[str, dict], None]  # ("update" | "epoch", facts): tests interrupt runs through it
+
+
+@dataclass
+class FinetuneResult:
+    """What a run produced. `model` holds the last epoch's adapters (unwrapped from DDP)."""
+
+    model: nn.Module
+    history: list[dict]
+    best_acc: float
+    best_epoch: int
+    test: dict | None  # the best checkpoint on the test split: {"split", "loss", "acc", "images"}
+    output: Path
+    classes: list[str]
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+@dataclass
+class _Plan:
+    """Everything decided before training: checked data, recipe, batch split, output, resume state."""
+
+    data: DataSource
+    recipe: dict
+    resolved: dict
+    micro: int  # per-process micro-batch
+    output: Path
+    state: dict | None
+    state_file: Path | None
+    img_size: int
+
+
+def seed_everything(seed: int) -> None:
+    """torch (all devices), numpy and Python RNGs."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def resolve_amp(amp: str, device: torch.device) -> tuple[str, torch.dtype | None]:
+    if amp == "auto":
+        amp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "off"
+    if amp == "fp16" and device.type != "cuda":
+        raise RecipeError("fp16 mixed precision needs CUDA (and its gradient scaler); on CPU use --amp bf16 or --amp off")
+    return amp, {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def _img_size(cfg: FinetuneConfig) -> int:
+    return zoo.adapter_metadata(cfg.preset, tiny=cfg.tiny, img_size=cfg.img_size)["img_size"]
+
+
+def _absolute(path: str | None) -> str | None:
+    return None if path is None else str(Path(path).resolve())
+
+
+def prepare(cfg: FinetuneConfig, d: distributed.Dist) -> _Plan:
+    """Every check that can fail, in every process, before anything trains or is written."""
+    cfg.validate()
+    zoo.get_preset(cfg.preset)
+    recipe = cfg.recipe()
+    img_size = _img_size(cfg)
+    data = load_data(cfg.data, protocol=cfg.protocol, img_size=img_size, generated=cfg.generated)
+    if cfg.dataset:
+        expected = dataset_recipe(cfg.dataset).num_classes
+        if data.num_classes != expected:
+            raise RecipeError(f"dataset preset {cfg.dataset} is for {expected} classes, but {cfg.data or 'the generated data'} has {data.num_classes}")
+    batch, per = recipe["batch_size"], d.world * cfg.accum
+    if batch % per:
+        lower, upper = batch - batch % per, batch + per - batch % per
+        raise BatchSizeError(f"batch size {batch} cannot be split over {d.world} process(es) x {cfg.accum} accumulation step(s): "
+                             f"it must be a multiple of {per} (e.g. {lower or upper} or {upper})")
+    if batch > len(data.train):
+        raise BatchSizeError(f"batch size {batch} is larger than the {len(data.train)} training images: no full batch can be formed")
+    amp, _ = resolve_amp(cfg.amp, d.device)
+    crop = cfg.crop or data.default_crop
+    resolved = {**{k: getattr(cfg, k) for k in RUN_FIELDS}, **recipe, "crop": crop, "amp": amp, "classes": data.classes}
+    resolved["data"], resolved["weights"] = _absolute(cfg.data), _absolute(cfg.weights)
+    resolved["targets"] = list(cfg.targets) if cfg.targets is not None else None
+    resolved["generated"] = cfg.to_dict()["generated"]
+    resolved["rank"] = cfg.rank if cfg.rank is not None else zoo.get_preset(cfg.preset).rank
+    resolved["img_size"] = img_size
+    output = Path(cfg.output)
+    if output.exists() and not output.is_dir():
+        raise CheckpointError(f"output {output} is a file, not a folder")
+    state = state_file = None
+    if cfg.resume:
+        state_file = ckpt.resolve_resume(cfg.resume, output)
+        state = ckpt.load_state(state_file)
+        check_same_run(state["config"], resolved, state_file)
+    else:
+        existing = ckpt.holds_run(output)
+        if existing and not cfg.force:
+            raise CheckpointError(f"output {output} already holds a run ({', '.join(existing[:4])}): continue it with --resume, "
+                                  f"start over with --force, or choose another --output")
+    return _Plan(data, recipe, resolved, batch // per, output, state, state_file, img_size)
+
+
+def check_same_run(stored: dict, now: dict, source: Path) -> None:
+    """A resumed run must compute the same thing: same preset, classes, rank, batch, schedule ..."""
+    differ = [f"{k}: checkpoint {stored.get(k)!r}, now {now.get(k)!r}" for k in (*RUN_FIELDS, *RESOLVED_FIELDS) if stored.get(k) != now.get(k)]
+    if differ:
+        shown = "; ".join(d if len(d) < 200 else d[:200] + "...'" for d in differ[:6])
+        raise ResumeMismatchError(f"{source} was written by another run ({len(differ)} difference(s)): {shown}. "
+                                  f"Resume with the checkpoint's own options (pass only --resume), or start a new run")
+
+
+def _loader(dataset, sampler, batch: int, *, workers: int, drop_last: bool, device: torch.device) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers, drop_last=drop_last,
+                      pin_memory=device.type == "cuda", persistent_workers=False)
+
+
+def train_epoch(net: nn.Module, loader: DataLoader, *, epoch: int, optimizer, scheduler, scaler, criterion, mixup, accum: int,
+                amp: torch.dtype | None, d: distributed.Dist, step: int, progress: Progress, hook: Hook | None) -> tuple[int, dict]:
+    """One epoch of updates; returns the global step and the epoch's loss, accuracy and throughput."""
+    net.train()
+    freeze_frozen_norms(net)
+    loader.sampler.set_epoch(epoch)
+    loader.dataset.set_epoch(epoch)
+    total, updates = len(loader), math.ceil(len(loader) / accum)
+    loss_sum = correct = seen = 0.0
+    start = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    for i, (x, y) in enumerate(loader):
+        x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
+        target = y
+        if mixup is not None and len(x) % 2 == 0:  # timm mixes pairs: an odd last batch trains unmixed
+            x, target = mixup(x, y)
+        group = min(accum, total - (i // accum) * accum)  # micro-batches in this update
+        last = (i + 1) % accum == 0 or i + 1 == total
+        with (nullcontext() if last or not d.enabled else net.no_sync()):  # all-reduce once per update
+            with torch.autocast(d.device.type, dtype=amp, enabled=amp is not None):
+                out = net(x)
+                loss = criterion(out, target)
+            scaled = loss / group
+            (scaler.scale(scaled) if scaler.is_enabled() else scaled).backward()
+        loss_sum += loss.item() * len(y)
+        correct += (out.argmax(-1) == y).sum().item()
+        seen += len(y)
+        if last:
+            if scaler.is_enabled():
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            lr = optimizer.param_groups[0]["lr"]
+            step += 1
+            scheduler.step_update(step)
+            elapsed = time.perf_counter() - start
+            progress.update((i // accum) + 1, updates, loss_sum / seen, correct / seen, seen * d.world / max(elapsed, 1e-9), lr)
+            if hook is not None:
+                hook("update", {"epoch": epoch + 1, "step": step})
+    seconds = time.perf_counter() - start
+    loss_sum, correct, seen = distributed.all_sum([loss_sum, correct, seen], d)
+    return step, {"lr": lr, "train_loss": loss_sum / seen, "train_acc": correct / seen, "images_per_s": seen / seconds, "seconds": seconds}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, *, amp: torch.dtype | None, d: distributed.Dist) -> dict:
+    """Mean cross-entropy and top-1 accuracy over a split, each image once across processes."""
+    model.eval()
+    loss_sum = correct = seen = 0.0
+    for x, y in loader:
+        x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
+        with torch.autocast(d.device.type, dtype=amp, enabled=amp is not None):
+            out = model(x)
+        loss_sum += F.cross_entropy(out.float(), y, reduction="sum").item()
+        correct += (out.argmax(-1) == y).sum().item()
+        seen += len(y)
+    loss_sum, correct, seen = distributed.all_sum([loss_sum, correct, seen], d)
+    return {"loss": loss_sum / seen, "acc": correct / seen, "images": int(seen)}
+
+
+def finetune(config: FinetuneConfig, *, hook: Hook | None = None) -> FinetuneResult:
+    """Fine-tune a zoo preset's adapters and head (see the module docstring); returns the result.
+
+    Raises, before training: DataError, BatchSizeError, RecipeError, CheckpointError,
+    ResumeMismatchError, and the zoo's errors for unknown presets and weight files.
+    """
+    d = distributed.setup(config.device)
+    try:
+        return _run(config, d, hook)
+    finally:
+        distributed.teardown(d)
+
+
+def _run(cfg: FinetuneConfig, d: distributed.Dist, hook: Hook | None) -> FinetuneResult:
+    plan = prepare(cfg, d)
+    progress = Progress("none" if not d.main else cfg.progress, log_every=cfg.log_every)
+    recipe, data, amp_name = plan.recipe, plan.data, plan.resolved["amp"]
+    _, amp = resolve_amp(amp_name, d.device)
+
+    seed_everything(cfg.seed)  # the same random base and adapters in every process
+    built = build(cfg.preset, data.num_classes, weights=cfg.weights, rank=cfg.rank, init=cfg.init, targets=cfg.targets,
+                  img_size=cfg.img_size, tiny=cfg.tiny, drop_path=recipe["drop_path"])
+    model = built.model.to(d.device)
+    train_tf, eval_tf = transforms(plan.resolved["crop"], plan.img_size, flip=recipe["flip"], mean=built.mean, std=built.std,
+                                   interpolation=built.interpolation)
+    workers = cfg.workers if cfg.workers is not None else (0 if data.form == "generated" else min(4, os.cpu_count() or 1))
+    train_ds = Augmented(data.train, train_tf, seed=cfg.seed)
+    sampler = train_sampler(train_ds, seed=cfg.seed, rank=d.rank, world=d.world, drop_last=recipe["drop_last"])
+    train_loader = _loader(train_ds, sampler, plan.micro, workers=workers, drop_last=recipe["drop_last"], device=d.device)
+    eval_batch = plan.micro * cfg.accum
+
+    def eval_loader(raw):
+        ds = Augmented(raw, eval_tf)
+        return _loader(ds, ShardSampler(len(ds), d.rank, d.world), eval_batch, workers=workers, drop_last=False, device=d.device)
+
+    val_loader = eval_loader(data.val)
+    updates = math.ceil(len(train_loader) / cfg.accum)
+    optimizer = make_optimizer(model, recipe["lr"], recipe["weight_decay"])
+    scheduler = make_scheduler(optimizer, epochs=cfg.epochs, updates_per_epoch=updates, warmup_epochs=recipe["warmup_epochs"],
+                               cooldown_epochs=cfg.cooldown_epochs, min_lr=cfg.min_lr, warmup_lr=cfg.warmup_lr)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_name == "fp16")
+    criterion = make_loss(recipe["label_smoothing"], cfg.mixup)
+    mixup = make_mixup(data.num_classes, recipe["label_smoothing"]) if cfg.mixup else None
+
+    history, best_acc, best_epoch, best_tensors, step, start = [], -1.0, 0, None, 0, 0
+    if plan.state is not None:
+        state = plan.state
+        copy_trainable(model, state["trainable"], str(plan.state_file))
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise ResumeMismatchError(f"{plan.state_file}: optimizer state does not fit this model: {e}") from e
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        history, step, start = list(state["history"]), state["global_step"], state["epoch"]
+        best_acc, best_epoch, best_tensors = state["best_acc"], state["best_epoch"], state["best_trainable"]
+        rngs = state["rng"]
+        if len(rngs) == d.world:
+            ckpt.set_rng_state(rngs[d.rank])
+        else:
+            seed_everything(cfg.seed + d.rank + 1000 * start)
+            progress.info(f"note: {plan.state_file} was written by {len(rngs)} process(es), this run has {d.world}: random streams "
+                          f"(dropout, mixup) are reseeded; data order and augmentation are unchanged")
+    else:
+        seed_everything(cfg.seed + d.rank)  # per-process streams for dropout and mixup
+    scheduler.step_update(step)
+    net = distributed.wrap(model, d)
+
+    if d.main:
+        plan.output.mkdir(parents=True, exist_ok=True)
+        if cfg.force and plan.state is None:
+            for name in ckpt.holds_run(plan.output):
+                (plan.output / name).unlink(missing_ok=True)
+    _describe(progress, cfg, plan, built, model, d, updates)
+    distributed.barrier(d)
+
+    run_info = _run_info(cfg, plan, built, model, d, updates)
+    for epoch in range(start, cfg.epochs):
+        progress.start_epoch(epoch + 1, cfg.epochs, updates)
+        step, row = train_epoch(net, train_loader, epoch=epoch, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                                criterion=criterion, mixup=mixup, accum=cfg.accum, amp=amp, d=d, step=step, progress=progress, hook=hook)
+        val = evaluate(model, val_loader, amp=amp, d=d)
+        is_best = val["acc"] > best_acc
+        if is_best:
+            best_acc, best_epoch, best_tensors = val["acc"], epoch + 1, ckpt.trainable_tensors(model)
+        row = {"epoch": epoch + 1, "step": step, **row, "val_loss": val["loss"], "val_acc": val["acc"], "is_best": is_best}
+        history.append(row)
+        rngs = distributed.gather(ckpt.rng_state(), d)
+        saved = []
+        if d.main:
+            saved = _save_epoch(plan, cfg, built, model, row, history, run_info, best_acc, best_epoch, best_tensors, optimizer, scaler, rngs, step)
+        distributed.barrier(d)
+        progress.end_epoch(row, saved)
+        if hook is not None:
+            hook("epoch", dict(row, state_file=ckpt.state_path(plan.output, epoch + 1)))
+
+    test = None
+    if data.test is not None and cfg.evaluate_test and best_tensors is not None:
+        last = ckpt.trainable_tensors(model)
+        copy_trainable(model, best_tensors, "the best checkpoint")
+        test = {"split": data.split_names.get("test", "test"), "epoch": best_epoch, **evaluate(model, eval_loader(data.test), amp=amp, d=d)}
+        copy_trainable(model, last, "the last epoch")
+        progress.info(f"test ({test['split']}, best checkpoint of epoch {best_epoch}): loss {test['loss']:.4f} acc {test['acc']:.1%} on {test['images']} images")
+    if d.main:
+        ckpt.write_metrics(plan.output, history, _summary(run_info, best_acc, best_epoch, test))
+    distributed.barrier(d)
+    files = {"last": plan.output / ckpt.LAST, "best": plan.output / ckpt.BEST, "metrics_csv": plan.output / ckpt.METRICS_CSV,
+             "metrics_json": plan.output / ckpt.METRICS_JSON}
+    if d.main:
+        progress.info(f"done: best val acc {best_acc:.1%} at epoch {best_epoch}; files in {plan.output}: {ckpt.LAST}, {ckpt.BEST}, "
+                      f"{ckpt.METRICS_CSV}, {ckpt.METRICS_JSON}")
+    return FinetuneResult(model, history, best_acc, best_epoch, test, plan.output, data.classes, files)
+
+
+def _save_epoch(plan, cfg, built, model, row, history, run_info, best_acc, best_epoch, best_tensors, optimizer, scaler, rngs, step) -> list[str]:
+    """Rank 0: best (if improved), last, metrics, then the state file, the commit point; prune."""
+    out, epoch, saved = plan.output, row["epoch"], []
+    facts = {"format": ckpt.FORMAT, "epoch": epoch, "val_acc": row["val_acc"], "val_split": plan.data.split_names.get("val", "val"),
+             "data": plan.resolved["data"] or "generated", "dataset": cfg.dataset, "recipe": {k: plan.resolved[k] for k in plan.recipe}}
+    meta = metadata(model, built, plan.data.classes, facts)
+    if row["is_best"]:
+        ckpt.save_adapter_file(model, out / ckpt.BEST, meta)
+        saved.append(ckpt.BEST)
+    ckpt.save_adapter_file(model, out / ckpt.LAST, meta)
+    saved.append(ckpt.LAST)
+    ckpt.write_metrics(out, history, _summary(run_info, best_acc, best_epoch, None))
+    state = {"epoch": epoch, "global_step": step, "config": plan.resolved, "trainable": ckpt.trainable_tensors(model),
+             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None, "rng": rngs,
+             "best_acc": best_acc, "best_epoch": best_epoch, "best_trainable": best_tensors, "history": history}
+    path = ckpt.save_state(ckpt.state_path(out, epoch), state)
+    ckpt.prune(out, cfg.keep_checkpoints, epoch)
+    saved.append(f"{ckpt.STATE_DIR}/{path.name}")
+    return saved
+
+
+def _summary(run_info: dict, best_acc: float, best_epoch: int, test: dict | None) -> dict:
+    return {"run": run_info, "best": {"epoch": best_epoch, "val_acc": best_acc}, "test": test}
+
+
+def _run_info(cfg, plan, built, model, d, updates) -> dict:
+    c = counts(model)
+    return {"preset": cfg.preset, "tiny": cfg.tiny, "weights": plan.resolved["weights"], "data": plan.data.description,
+            "classes": len(plan.data.classes), "processes": d.world, "micro_batch": plan.micro, "updates_per_epoch": updates,
+            "trainable": c["trainable"], "adapter_params": c["adapter"], "head_params": c["head"], "config": plan.resolved}
+
+
+def _describe(progress: Progress, cfg, plan, built: Built, model, d, updates: int) -> None:
+    r, rec = plan.resolved, plan.recipe
+    c = counts(model)
+    groups = parameter_groups(model, rec["weight_decay"])
+    record = zoo.build_record(model)
+    weights = cfg.weights or "random (no --weights)"
+    progress.info(f"model: {cfg.preset}{' (tiny twin)' if cfg.tiny else ''}: {record.library} {record.model}, {plan.img_size}px, "
+                  f"{len(plan.data.classes)} classes; weights: {weights}")
+    for note in built.notes:
+        progress.info(f"  note: {note}")
+    tensors, values = distributed.reduced_tensors(model)
+    progress.info(f"adapters: {c['sites']} sites, rank {built.apply_kwargs['rank']}, init {cfg.init}; trainable {c['trainable']:,} values "
+                  f"= adapters {c['adapter']:,} + head {c['head']:,} of {c['total']:,}; weight decay on {len(groups[0]['params'])} tensors, "
+                  f"none on {len(groups[1]['params'])}")
+    progress.info(f"data: {plan.data.description}")
+    progress.info(f"recipe: AdamW lr {rec['lr']:g} wd {rec['weight_decay']:g}; cosine to {cfg.min_lr:g}, warm-up {rec['warmup_epochs']:g} "
+                  f"epochs ({round(rec['warmup_epochs'] * updates)} updates) from {cfg.warmup_lr:g}, cooldown {cfg.cooldown_epochs:g}; {cfg.epochs} epochs x {updates} updates; "
+                  f"batch {rec['batch_size']} = {d.world} process(es) x {plan.micro} x {cfg.accum} accumulation; crop {r['crop']}, "
+                  f"flip {'on' if rec['flip'] else 'off'}, label smoothing {rec['label_smoothing']:g}, mixup {'on' if cfg.mixup else 'off'}, "
+                  f"drop path {rec['drop_path']:g}; amp {r['amp']}; {d.device}; seed {cfg.seed}"
+                  + (f"; dataset preset {cfg.dataset}" if cfg.dataset else ""))
+    if d.enabled:
+        progress.info(f"distributed: {d.world} processes ({d.backend}); DDP all-reduces {values:,} values in {tensors} tensors "
+                      f"(adapters and head only)")
+    where = f"resuming from {plan.state_file} (epoch {plan.state['epoch']} of {cfg.epochs})" if plan.state else "new run"
+    progress.info(f"output: {plan.output} ({where})")

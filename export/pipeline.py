@@ -46,6 +46,8 @@ class ModelSpec:
     img_size: int | tuple[int, int] | None = None
     model_kwargs: dict = field(default_factory=dict)
     weights: str | os.PathLike | None = None  # local base weights; None: random init, woken (see models.wake)
+    preset: str | None = None  # a zoo preset named by the adapter file: built through zoo.build_base
+    tiny: bool = False  # the zoo preset's test-size twin
 
 
 DEFAULT_SPEC = ModelSpec("vit_tiny_patch16_224", num_classes=10, img_size=224)
@@ -75,7 +77,7 @@ def resolve_spec(
         return ModelSpec(default.name, num_classes or default.num_classes, img_size or default.img_size, dict(model_kwargs or {}), weights)
     kwargs = {**meta.get("model_kwargs", {}), **(model_kwargs or {})}
     return ModelSpec(name or meta["model"], num_classes if num_classes is not None else meta.get("num_classes"),
-                     img_size or _size(meta.get("img_size")), kwargs, weights)
+                     img_size or _size(meta.get("img_size")), kwargs, weights, meta.get("preset"), bool(meta.get("tiny", False)))
 
 
 def _plain(name: str) -> str:
@@ -300,7 +302,10 @@ class _Run:
 
 def _build(spec: ModelSpec, seed: int) -> tuple[nn.Module, ModelInfo]:
     state = read_weights(spec.weights) if spec.weights else None  # an unreadable file fails before the build
-    model, info = build_model(spec.name, num_classes=spec.num_classes, img_size=spec.img_size, model_kwargs=spec.model_kwargs)
+    if spec.preset:
+        model, info = _build_preset(spec)
+    else:
+        model, info = build_model(spec.name, num_classes=spec.num_classes, img_size=spec.img_size, model_kwargs=spec.model_kwargs)
     if spec.weights:
         info.weights = str(spec.weights)
         info.notes += load_weights(model, spec.weights, state)
@@ -308,6 +313,16 @@ def _build(spec: ModelSpec, seed: int) -> tuple[nn.Module, ModelInfo]:
         woken = wake(model, seed)
         info.weights = f"random init, seed {seed}" + (f" ({len(woken)} constant tensors such as zero-init gammas redrawn)" if woken else "")
     return model, info
+
+
+def _build_preset(spec: ModelSpec) -> tuple[nn.Module, ModelInfo]:
+    """The zoo preset an adapter file was trained on (torchvision ResNets, test-size twins)."""
+    import zoo
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", zoo.RandomWeightsWarning)  # the report says how weights were made
+        model = zoo.build_base(spec.preset, spec.num_classes, img_size=spec.img_size, tiny=spec.tiny, **spec.model_kwargs)
+    return model.eval(), ModelInfo(name=spec.name, source=f"zoo preset {spec.preset}" + (" (test-size twin)" if spec.tiny else ""), kwargs=dict(spec.model_kwargs))
 
 
 def _adapt(model: nn.Module, adapter, adapted: bool, seed: int, rank: int) -> AdapterInfo:

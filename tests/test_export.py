@@ -488,3 +488,24 @@ def test_cli_no_verify_needs_no_runtime(cli):
     assert done.returncode == 0, done.stderr
     assert _files(folder) == ["m.onnx", "m.onnx.json"] and "not verified" in done.stdout
     assert json.loads((folder / "m.onnx.json").read_text())["verified"] is False
+
+
+def test_an_adapter_file_from_the_zoo_rebuilds_its_preset(tmp_path):
+    """A zoo checkpoint names its preset: torchvision's ResNet twin is rebuilt, not timm's namesake."""
+    import warnings
+
+    import zoo
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", zoo.RandomWeightsWarning)
+        model = zoo.build("resnet18", num_classes=5, tiny=True)
+    with torch.no_grad():  # a trained head: the zoo's fresh head would make outputs trivially equal
+        for p in model.fc.parameters():
+            p.normal_()
+    path = rlrr.save_adapter(model, tmp_path / "a.safetensors", metadata=zoo.adapter_metadata(model))
+    out = tmp_path / "out" / "m.onnx"
+    out.parent.mkdir()
+    report = export_onnx(None, out, adapter=path, **FAST)
+    assert_verified(report, out)
+    data = json.loads((out.parent / "m.onnx.json").read_text())
+    assert "zoo preset resnet18" in json.dumps(data["model"])

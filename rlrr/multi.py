@@ -204,14 +204,20 @@ def combine_sets(sets: Sequence[AdapterSet], weights: Sequence[float] | None, me
         raise ConfigError(f"formula 1 (method='linear') sums S_left and S_right, which needs equal ranks; got {ranks}: use method='concat'")
     if method == "concat" and (first.config.scaling != "both" or not first.config.residual):
         raise ConfigError("formula 2 (method='concat') adds the adapters' changes: it needs scaling='both' and the residual form")
+    with torch.no_grad():  # plain leaf tensors: the bank must deep-copy
+        combined = _combine_tensors(first, sets, weights, method)
+    config = replace(first.config, rank=sum(ranks) if method == "concat" else first.config.rank)
+    return AdapterSet(config, list(first.sites), combined, _combine_trained(sets, weights), dict(first.metadata))
+
+
+def _combine_tensors(first: AdapterSet, sets: Sequence[AdapterSet], weights: list[float], method: str) -> dict[str, torch.Tensor]:
     combined = {}
     for site in first.sites:
         keys = [k for k in first.tensors if k.rpartition(".")[0] == site.name]
         per = [{k.rpartition(".")[2]: s.tensors[k] for k in keys} for s in sets]
         merged = (combine_weighted if method == "linear" else combine_concat)(per, weights)
         combined |= {f"{site.name}.{k}": v for k, v in merged.items()}
-    config = replace(first.config, rank=sum(ranks) if method == "concat" else first.config.rank)
-    return AdapterSet(config, list(first.sites), combined, _combine_trained(sets, weights), dict(first.metadata))
+    return combined
 
 
 def _combine_trained(sets: Sequence[AdapterSet], weights: list[float]) -> dict[str, torch.Tensor]:

@@ -215,3 +215,13 @@ def test_apply_on_a_model_whose_adapters_are_all_disabled_is_refused():
         rlrr.apply(model)
     rlrr.add_adapter(model, "more")  # the way to add one
     assert rlrr.list_adapters(model) == ["default", "more"] and rlrr.active_adapters(model) == ("more",)
+
+
+def test_a_model_holding_a_combination_deep_copies():
+    _, model, _ = with_adapters([1, 1])
+    rlrr.combine(model, ["default", "a1"], [0.5, 0.5], name="mix")
+    rlrr.set_active(model, "mix")
+    x = torch.randn(4, 5, dtype=F64)
+    clone = copy.deepcopy(model)
+    assert rlrr.list_adapters(clone) == ["default", "a1", "mix"]
+    torch.testing.assert_close(clone(x), model(x), rtol=0, atol=0)

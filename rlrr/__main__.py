@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from rlrr.api import apply, make_plan
+from rlrr.api import apply_plan, make_plan
 from rlrr.config import RLRRConfig
 from rlrr.errors import RLRRError
 
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = RLRRConfig(rank=args.rank, fused_chunks=not args.no_fused_chunks)
         plan = make_plan(model, args.targets, config, trainable=head)
-        apply(model, args.targets, rank=args.rank, fused_chunks=config.fused_chunks, trainable=head)
+        apply_plan(model, plan)
     except RLRRError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

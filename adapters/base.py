@@ -8,6 +8,7 @@ that defers to it, so every adapter parameter lives in exactly one module.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -28,10 +29,36 @@ class Scaling:
     lowrank: bool = False  # "w/o W" (Table 11): W' = W + S_right @ S_left, a LoRA-like baseline
 
 
+def _tracing() -> bool:
+    """Whether a compiler or the TorchScript tracer is running: a cached tensor would become a constant.
+
+    fx's symbolic tracing needs no check: its tensors are proxies, which `_stamp` refuses.
+    """
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
+def _stamp(t: Tensor) -> tuple | None:
+    """What identifies a tensor's current value, or None for one that cannot be tracked."""
+    if type(t) not in (Tensor, nn.Parameter) or t.is_inference():
+        return None  # a fake/functional tensor under export, or an inference tensor without a version
+    return (t.data_ptr(), t._version, t.dtype, t.device, t.shape)
+
+
 class Adapter(nn.Module):
-    """Base class: computes a site's adapted weight and bias from the frozen originals."""
+    """Base class: computes a site's adapted weight and bias from the frozen originals.
+
+    In eval mode with grad disabled (nothing trains) the adapted tensors are cached, so an
+    unmerged model runs at the base model's cost. An entry is served only while the input, every
+    adapter parameter and the cached tensor itself keep their storage and version counter (any
+    in-place update bumps it); `train()`, `.to()` and any call with grad enabled drop the cache.
+    In-place writes through `.data` bypass version counters, as they do for autograd: don't.
+    """
 
     kind: str = ""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._cache: dict[str, tuple[tuple, Tensor, int]] = {}  # slot -> (stamps, value, value's version)
 
     def effective_weight(self, weight: Tensor, dtype: torch.dtype | None = None) -> Tensor:
         raise NotImplementedError
@@ -45,7 +72,37 @@ class Adapter(nn.Module):
         raise NotImplementedError
 
     def forward(self, weight: Tensor) -> Tensor:
-        return self.effective_weight(weight)
+        return self.cached("weight", weight, self.effective_weight)
+
+    def cached(self, slot: str, original: Tensor, compute: Callable[[Tensor], Tensor]) -> Tensor:
+        """`compute(original)`, served from the cache when nothing trains and nothing changed."""
+        if self.training or torch.is_grad_enabled() or _tracing():
+            self.clear_cache()
+            return compute(original)
+        stamps = tuple(_stamp(t) for t in (original, *self.parameters(recurse=False)))
+        if None in stamps:
+            return compute(original)
+        hit = self._cache.get(slot)
+        if hit is not None and hit[0] == stamps and hit[1]._version == hit[2]:
+            return hit[1]
+        with torch.inference_mode(False), torch.no_grad():  # a normal tensor, whose version can be watched
+            value = compute(original)
+        self._cache[slot] = (stamps, value, value._version)
+        return value
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+
+    def train(self, mode: bool = True) -> "Adapter":
+        self.clear_cache()
+        return super().train(mode)
+
+    def _apply(self, fn, recurse=True):  # .to(), .half(), .cuda(): the cached tensors would be stale
+        self.clear_cache()
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict:  # deepcopy and pickling never carry cached tensors
+        return {**super().__getstate__(), "_cache": {}}
 
     def _param(self, name: str, dtype: torch.dtype | None) -> Tensor | None:
         value = getattr(self, ADAPTER_PREFIX + name)
@@ -70,7 +127,7 @@ class BiasOf(nn.Module):
         return self._adapter[0]
 
     def forward(self, bias: Tensor) -> Tensor:
-        return self.adapter.effective_bias(bias)
+        return self.adapter.cached("bias", bias, self.adapter.effective_bias)
 
 
 def adapter_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:

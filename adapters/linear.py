@@ -15,7 +15,6 @@ the only places these formulas are written; forward and fold both call them.
 
 from __future__ import annotations
 
-
 import torch
 from torch import Size, Tensor, nn
 
@@ -34,11 +33,9 @@ def scale_matrix(s_left: Tensor | None, s_right: Tensor | None, out_features: in
     if s_right is None:
         return s_left.expand(chunks, out_features // chunks, in_features).reshape(out_features, in_features)
     right = s_right.reshape(chunks, out_features // chunks, rank)  # (chunks, out/chunks, r)
-    if rank == 1:
-        m = right * s_left  # outer product per chunk, (chunks, out/chunks, in)
-    else:
-        m = torch.bmm(right, s_left)
-    return m.reshape(out_features, in_features)
+    # reason: bmm also at r = 1 (an exact outer product): its backward reads dM twice as two
+    # matrix-vector products, where a broadcast multiply's allocates two (out, in) temporaries.
+    return torch.bmm(right, s_left).reshape(out_features, in_features)  # (chunks, out/chunks, in) -> (out, in)
 
 
 def rescale(weight: Tensor, m: Tensor, scaling: Scaling) -> Tensor:
@@ -46,7 +43,7 @@ def rescale(weight: Tensor, m: Tensor, scaling: Scaling) -> Tensor:
     if scaling.lowrank:
         return weight + m  # "w/o W": W + S_right @ S_left
     if scaling.residual:
-        return weight + m * weight  # Eq. 16: W + s_left ⊙ W ⊙ s_right
+        return torch.addcmul(weight, m, weight)  # Eq. 16: W + s_left ⊙ W ⊙ s_right, one pass over W
     return m * weight  # no residual: s_left ⊙ W ⊙ s_right
 
 

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from adapters import Adapter, BiasOf, NormScaleShift
+from adapters.fused import fusable, linear_forward
 from rlrr.config import RLRRConfig
 from rlrr.errors import RLRRError
 from rlrr.sites import BIAS_CREATABLE, Site, effective_chunks, rescale_class, shifts
@@ -104,6 +105,17 @@ def _register(module: nn.Module, attr: str, parametrization: nn.Module, undo: _U
     undo.push(lambda: unregister(module, attr))
 
 
+def _fuse(module: nn.Module, undo: _Undo) -> None:
+    """Give an adapted nn.Linear the fused training forward (adapters/fused.py).
+
+    It goes on the class parametrize generated for this one module, so removing the
+    parametrizations (fold, undo) restores the plain class and its forward with it.
+    """
+    cls = type(module)
+    cls.forward = linear_forward
+    undo.push(lambda: cls.__dict__.get("forward") is linear_forward and delattr(cls, "forward"))
+
+
 def _factory(owner: nn.Module) -> dict:
     t = next(owner.parameters(), None)
     return {"dtype": t.dtype, "device": t.device} if t is not None else {}
@@ -138,8 +150,11 @@ def _attach_site(model: nn.Module, site: Site, config: RLRRConfig, holders: dict
         _create_tensor(owner, site.weight, torch.ones(site.shape, **_factory(model)), undo)
     weight = getattr(owner, site.weight)
     adapter = build_adapter(site, weight, config)
+    adapter.train(owner.training)  # eval mode caches W' (adapters/base.py): follow the model's mode
     for module, attr in holders.get(id(weight), [(owner, site.weight)]):
         _register(module, attr, adapter, undo)
+        if attr == "weight" and fusable(module):
+            _fuse(module, undo)
     if adapter.adapts_bias:
         if site.bias_state == BIAS_CREATABLE:
             _create_tensor(owner, site.bias, torch.zeros(adapter_bias_shape(site, weight), dtype=weight.dtype, device=weight.device), undo)

@@ -1,0 +1,385 @@
+"""Correctness of the two speed paths (never their speed: that is benchmarks/).
+
+1. The fused training path of an adapted `nn.Linear` (adapters/fused.py): a custom autograd
+   Function that recomputes W' in backward. Its gradients are checked with `gradcheck` in float64
+   for every weight-scaling variant, and a whole adapted model is checked against the same model
+   without the fused forward (parametrize alone): same outputs, same gradients.
+2. The eval-mode cache of W' and b' (adapters/base.py): it must serve the right value after any
+   change that can make it stale (an optimizer step, load_state_dict, in-place writes to the
+   original or to the returned tensor, dtype change, train(), grad enabled), never leak through
+   deepcopy, and never become a constant in an exported program.
+
+Small hand-written models in float64 (agreement to ~1e-12), plus timm's ViT-Tiny once.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+import rlrr
+from adapters import Adapter, LinearRescale, Scaling
+from adapters.fused import RescaledLinear, fusable, linear_forward
+from export import fold
+
+F64 = torch.float64
+TOL = {"rtol": 1e-10, "atol": 1e-10}
+VIT_LINEARS = ["*.attn.qkv", "*.attn.proj", "*.mlp.fc1", "*.mlp.fc2"]
+
+
+class Block(nn.Module):
+    """A norm, a fused qkv-like projection (3 chunks), an MLP; one bias-free linear."""
+
+    def __init__(self, d: int = 6) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.fc1 = nn.Linear(3 * d, 2 * d, bias=False)
+        self.fc2 = nn.Linear(2 * d, d)
+
+    def forward(self, x):
+        return x + self.fc2(F.gelu(self.fc1(self.qkv(self.norm(x)))))
+
+
+def block(seed: int = 0, **options) -> nn.Module:
+    torch.manual_seed(seed)
+    model = Block().to(F64)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()
+    rlrr.apply(model, **options)
+    randomise(model, seed + 1)
+    return model
+
+
+def randomise(model: nn.Module, seed: int) -> None:
+    """Non-zero adapters everywhere (an identity adapter would hide a wrong formula)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for a in rlrr.adapters_of(model):
+            for name, p in a.named_parameters():
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.5 + (1.0 if name == "rlrr_scale" else 0.0))
+
+
+def unfuse(model: nn.Module) -> nn.Module:
+    """Remove the fused forward (each parametrized module has its own class: only this model changes)."""
+    for m in model.modules():
+        if type(m).__dict__.get("forward") is linear_forward:
+            delattr(type(m), "forward")
+    return model
+
+
+def count_fused_calls(monkeypatch) -> list:
+    calls: list = []
+    original = RescaledLinear.apply
+    monkeypatch.setattr(RescaledLinear, "apply", lambda *a: calls.append(1) or original(*a))
+    return calls
+
+
+def x_input(seed: int = 5, lead=(2, 3), d: int = 6) -> torch.Tensor:
+    return torch.randn(*lead, d, generator=torch.Generator().manual_seed(seed), dtype=F64)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. The fused Function
+# ---------------------------------------------------------------------------------------------
+
+SCALINGS = [Scaling(), Scaling("left"), Scaling("right"), Scaling(residual=False), Scaling("left", residual=False), Scaling(lowrank=True)]
+
+
+CASES = [(s, r, c) for s in SCALINGS for r, c in [(1, 1), (1, 3), (2, 3)] if s.sides == "both" or r == 1]  # one-sided: rank 1
+
+
+@pytest.mark.parametrize("scaling,rank,chunks", CASES, ids=lambda v: f"{v.sides}-res{int(v.residual)}-lowrank{int(v.lowrank)}" if isinstance(v, Scaling) else str(v))
+@pytest.mark.parametrize("bias", ["adapted", "plain", "none"])
+def test_fused_function_gradcheck(scaling: Scaling, rank: int, chunks: int, bias: str) -> None:
+    g = torch.Generator().manual_seed(rank * 10 + chunks)
+    weight = nn.Parameter(torch.randn(6, 4, generator=g, dtype=F64), requires_grad=False)
+    adapter = LinearRescale(weight, rank=rank, chunks=chunks, scaling=scaling, shift=bias == "adapted")
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=F64))
+    b = None if bias == "none" else nn.Parameter(torch.randn(6, generator=g, dtype=F64), requires_grad=bias == "plain")
+    params = list(adapter.parameters())
+    x = torch.randn(2, 3, 4, generator=g, dtype=F64, requires_grad=True)
+    inputs = (x, *params) + ((b,) if bias == "plain" else ())
+
+    def fn(x, *rest):  # gradcheck perturbs the adapter's own parameters, in place
+        return RescaledLinear.apply(x, weight, b, adapter, bias == "adapted", *params)
+
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-8)
+    with torch.no_grad():  # and the forward is the parametrization's formula
+        expected = F.linear(x, adapter.effective_weight(weight), adapter.effective_bias(b) if bias == "adapted" else b)
+    torch.testing.assert_close(fn(x, *params), expected, **TOL)
+
+
+@pytest.mark.parametrize("scaling,rank,chunks", [(Scaling(), 1, 3), (Scaling(), 2, 1), (Scaling("right", residual=False), 1, 1)], ids=["r1c3", "r2", "right-nores"])
+def test_fused_function_double_backward(scaling: Scaling, rank: int, chunks: int) -> None:
+    """backward(create_graph=True), e.g. a gradient penalty, differentiates the backward itself."""
+    g = torch.Generator().manual_seed(11)
+    weight = nn.Parameter(torch.randn(6, 4, generator=g, dtype=F64), requires_grad=False)
+    adapter = LinearRescale(weight, rank=rank, chunks=chunks, scaling=scaling)
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=F64))
+    bias = nn.Parameter(torch.randn(6, generator=g, dtype=F64), requires_grad=False)
+    params = list(adapter.parameters())
+    x = torch.randn(3, 4, generator=g, dtype=F64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda x, *ps: RescaledLinear.apply(x, weight, bias, adapter, True, *params), (x, *params), eps=1e-6, atol=1e-7)
+
+
+def test_fused_function_gradient_of_an_unfrozen_base_weight() -> None:
+    g = torch.Generator().manual_seed(3)
+    weight = nn.Parameter(torch.randn(6, 4, generator=g, dtype=F64))  # the user unfroze W: dW = dW' ⊙ (1 + M)
+    adapter = LinearRescale(weight, chunks=3)
+    params = list(adapter.parameters())
+    x = torch.randn(5, 4, generator=g, dtype=F64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w, *ps: RescaledLinear.apply(x, w, None, adapter, False, *params), (x, weight, *params), eps=1e-6, atol=1e-8)
+
+
+def test_apply_installs_the_fused_forward_on_plain_linears_only() -> None:
+    class Custom(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    model = nn.Sequential(nn.Linear(4, 4), Custom(4, 4), nn.LayerNorm(4)).to(F64)
+    rlrr.apply(model)
+    assert type(model[0]).forward is linear_forward
+    assert type(model[1]).forward is Custom.forward  # a subclass with its own forward keeps it
+    assert not fusable(model[2])
+    fold(model)
+    assert type(model[0]) is nn.Linear and type(model[1]) is Custom  # fold restores the classes
+
+
+@pytest.mark.parametrize("options", [{}, {"rank": 2}, {"shift": False}, {"fused_chunks": False}, {"scaling": "left"}, {"lowrank": True}],
+                         ids=["default", "rank2", "noshift", "unchunked", "left", "lowrank"])
+def test_fused_model_equals_parametrize_path(options, monkeypatch) -> None:
+    fused, plain = block(**options), unfuse(block(**options))
+    x = x_input()
+    calls = count_fused_calls(monkeypatch)
+    y_fused = fused(x)
+    assert len(calls) == 3  # qkv, the bias-free fc1 (a created bias), fc2
+    y_plain = plain(x)
+    torch.testing.assert_close(y_fused, y_plain, **TOL)
+    seed = torch.randn(y_plain.shape, generator=torch.Generator().manual_seed(9), dtype=F64)
+    (y_fused * seed).sum().backward()
+    (y_plain * seed).sum().backward()
+    grads = {n: p.grad for n, p in plain.named_parameters() if p.requires_grad}
+    assert grads and all(g is not None for g in grads.values())
+    for n, p in fused.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[n], **TOL)
+        else:
+            assert p.grad is None, n
+
+
+def test_fused_path_is_not_taken_without_grad_or_when_nothing_trains(monkeypatch) -> None:
+    model = block()
+    calls = count_fused_calls(monkeypatch)
+    with torch.no_grad():
+        model(x_input())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model(x_input())  # grad enabled, but nothing requires it
+    assert calls == []
+
+
+def test_fused_training_under_torch_compile_matches_eager() -> None:
+    eager, compiled_model = block(), block()
+    compiled = torch.compile(compiled_model, backend="eager")
+    x = x_input()
+    eager(x).square().sum().backward()
+    compiled(x).square().sum().backward()
+    for (n, p), q in zip(eager.named_parameters(), compiled_model.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(q.grad, p.grad, **TOL)
+
+
+def test_autocast_takes_the_parametrize_path(monkeypatch) -> None:
+    fused, plain = block(), unfuse(block())
+    fused.float(), plain.float()
+    x = x_input().float()
+    calls = count_fused_calls(monkeypatch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_fused, y_plain = fused(x), plain(x)
+    assert calls == []  # (the output is float32: the residual adds the float32 input)
+    torch.testing.assert_close(y_fused, y_plain, rtol=0, atol=0)
+    y_fused.float().sum().backward()
+    assert all(p.grad is not None for p in fused.parameters() if p.requires_grad)
+
+
+def test_in_place_change_between_forward_and_backward_is_caught() -> None:
+    model = block()
+    y = model(x_input())
+    with torch.no_grad():
+        rlrr.adapters_of(model)[1].rlrr_s_left.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+def test_deepcopy_trains_independently_and_folds_without_breaking_the_original() -> None:
+    model = block()
+    clone = copy.deepcopy(model)
+    x = x_input()
+    torch.testing.assert_close(clone(x), model(x), **TOL)
+    opt = torch.optim.SGD([p for p in clone.parameters() if p.requires_grad], lr=0.1)
+    clone(x).square().sum().backward()
+    opt.step()
+    before = model(x).detach()
+    fold(clone)
+    torch.testing.assert_close(model(x), before, **TOL)  # the original is untouched and still fused
+    assert type(model.qkv).forward is linear_forward
+    model(x).sum().backward()
+    assert rlrr.adapters_of(model)[1].rlrr_s_left.grad is not None
+
+
+def test_vit_tiny_fused_equals_parametrize_path_in_float32() -> None:
+    def build():
+        torch.manual_seed(0)
+        model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=32)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "norm" in n or "head" in n:
+                    p.normal_(0.5 if n.endswith("weight") else 0.0, 0.5)
+        rlrr.apply(model, VIT_LINEARS + ["norm"], trainable="head", ssf="patch_embed.proj")
+        randomise(model, 1)
+        return model
+
+    fused, plain = build(), unfuse(build())
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    y_fused, y_plain = fused(x), plain(x)
+    torch.testing.assert_close(y_fused, y_plain, rtol=0, atol=1e-5 * y_plain.abs().max().item())
+    y_fused.square().sum().backward()
+    y_plain.square().sum().backward()
+    for (n, p), q in zip(fused.named_parameters(), plain.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5 * q.grad.abs().max().item(), msg=n)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. The eval-mode cache
+# ---------------------------------------------------------------------------------------------
+
+
+def evaluated(model: nn.Module) -> nn.Module:
+    model.eval()
+    with torch.no_grad():
+        model(x_input())
+    return model
+
+
+def fresh_outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What the model computes with no cache at all (train mode clears it; nothing here depends on mode)."""
+    twin = copy.deepcopy(model).train()
+    with torch.no_grad():
+        return twin(x)
+
+
+def test_cache_serves_the_same_tensor_in_eval_without_grad() -> None:
+    model = evaluated(block())
+    with torch.no_grad():
+        assert model.qkv.weight is model.qkv.weight
+        assert model.norm.bias is model.norm.bias
+    with torch.inference_mode():
+        assert model.qkv.weight is model.qkv.weight
+    assert sum(len(a._cache) for a in rlrr.adapters_of(model)) == 8  # 3 linears (fc1's created bias too), 1 norm: weights and biases
+
+
+def test_cache_is_off_with_grad_and_in_train_mode() -> None:
+    model = evaluated(block())
+    w = model.qkv.weight  # grad enabled: computed, with a graph to the adapter
+    assert w.requires_grad and w.grad_fn is not None
+    assert not model.qkv.parametrizations.weight[0]._cache
+    model(x_input())  # a forward with grad enabled (the fused path for the linears) drops every entry
+    assert all(not a._cache for a in rlrr.adapters_of(model))
+    evaluated(model)
+    model.train()
+    assert all(not a._cache for a in rlrr.adapters_of(model))
+    with torch.no_grad():
+        model(x_input())
+        assert model.qkv.weight is not model.qkv.weight  # train mode recomputes
+    assert all(not a._cache for a in rlrr.adapters_of(model))
+
+
+@pytest.mark.parametrize("change", ["optimizer_step", "load_state_dict", "original_in_place", "adapter_in_place", "returned_in_place", "float32"])
+def test_cache_is_never_stale(change: str) -> None:
+    model = evaluated(block())
+    x = x_input()
+    with torch.no_grad():
+        before = model(x)
+    if change == "optimizer_step":
+        model.train()
+        model(x).square().sum().backward()
+        torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
+        model.eval()
+    elif change == "load_state_dict":
+        model.load_state_dict(block(seed=7).state_dict())
+    with torch.no_grad():
+        if change == "original_in_place":
+            model.qkv.parametrizations.weight.original.mul_(2)
+        elif change == "adapter_in_place":
+            rlrr.adapters_of(model)[0].rlrr_shift.add_(1.0)  # the norm's shift: only its bias changes
+        elif change == "returned_in_place":
+            model.fc2.weight.mul_(3)  # a write into the cached W' itself must not stick
+        elif change == "float32":
+            model.float()
+            x = x.float()
+        got = model(x)
+        assert model.qkv.weight is model.qkv.weight  # cached again
+    torch.testing.assert_close(got, fresh_outputs(model, x), rtol=0, atol=0)
+    if change == "returned_in_place":
+        torch.testing.assert_close(got, before, rtol=0, atol=0)
+    elif change == "float32":
+        assert all(v[1].dtype == torch.float32 for a in rlrr.adapters_of(model) for v in a._cache.values())
+    else:
+        assert not torch.allclose(got, before)
+
+
+def test_deepcopy_does_not_carry_the_cache_and_the_copy_is_right() -> None:
+    model = evaluated(block())
+    clone = copy.deepcopy(model)
+    assert all(not a._cache for a in rlrr.adapters_of(clone))
+    with torch.no_grad():
+        rlrr.adapters_of(clone)[1].rlrr_s_right.mul_(-1)
+        x = x_input()
+        assert not torch.allclose(clone(x), model(x))
+        torch.testing.assert_close(model(x), fresh_outputs(model, x), rtol=0, atol=0)
+
+
+def test_fold_after_cached_eval_equals_the_unmerged_model() -> None:
+    model = evaluated(block())
+    x = x_input()
+    with torch.no_grad():
+        unmerged = model(x)
+        folded = fold(model)(x)
+    torch.testing.assert_close(folded, unmerged, **TOL)
+
+
+def test_apply_on_a_model_in_eval_mode_starts_in_eval() -> None:
+    torch.manual_seed(0)
+    model = Block().to(F64).eval()
+    rlrr.apply(model)
+    assert not any(a.training for a in rlrr.adapters_of(model))
+    with torch.no_grad():
+        assert model.qkv.weight is model.qkv.weight
+
+
+def test_exported_program_reads_the_parameters_not_a_cached_constant() -> None:
+    model = evaluated(block())
+    x = x_input()
+    with torch.no_grad():
+        exported = torch.export.export(model, (x,)).module()
+        torch.testing.assert_close(exported(x), model(x), **TOL)
+        before = exported(x)
+        params = dict(exported.named_parameters())
+        [name] = [n for n in params if n.startswith("fc2.") and n.endswith("rlrr_s_right")]
+        params[name].mul_(-1)  # were W' a constant of the program, the output would not move
+        assert not torch.allclose(exported(x), before)
+        rlrr.adapters_of(model)[-1].rlrr_s_right.mul_(-1)
+        torch.testing.assert_close(exported(x), model(x), **TOL)

@@ -1,0 +1,266 @@
+"""Turn the benchmark's raw results into the JSON file, the markdown table and the PNG chart.
+
+`python -m benchmarks.report results/benchmark.json` rewrites the markdown and the chart from a
+saved JSON without measuring again.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from benchmarks import measure as M
+
+NAMES = {
+    "full": "full fine-tuning",
+    "linear_probe": "linear probing",
+    "rlrr": "RLRR (ours, r=1, paper placement)",
+    "lora_r8": "PEFT LoRA r=8 (qkv/proj/fc1/fc2)",
+    "ssf": "SSF (official form, on activations)",
+    "rlrr_linears": "ablation: RLRR on LoRA's linears only",
+    "rlrr_parametrize": "ablation: RLRR, parametrize path (no fused Function)",
+    "dense_floor": "yardstick: frozen model, backward dX only",
+    "base": "base model",
+    "rlrr_unmerged": "RLRR unmerged, eval (W' cached)",
+    "rlrr_unmerged_recomputed": "RLRR unmerged, W' recomputed per call",
+    "rlrr_folded": "RLRR folded",
+}
+MODEL_NAMES = {"vit_s16": "ViT-S/16", "vit_b16": "ViT-B/16", "vit_h14": "ViT-H/14"}
+
+
+def _tasks(doc: dict, name: str) -> list[dict]:
+    return [t for t in doc["tasks"] if t.get("ok") and t["spec"]["task"] == name]
+
+
+def _ratio(r: dict) -> str:
+    return f"{r['median']:.3f} [{r['min']:.2f}–{r['max']:.2f}]"
+
+
+def _num(v: float | None) -> str:
+    return "–" if v is None else f"{v:.0f}"
+
+
+def _load(t: dict) -> str:
+    a, b = t.get("load_before") or t.get("load"), t.get("load_after")
+    return f"{a[0]:.1f}" + (f"→{b[0]:.1f}" if b else "")
+
+
+def analyse(doc: dict) -> dict:
+    """Ratios against each target, per model, from the raw rounds."""
+    out: dict = {"training": {}, "memory": {}, "inference": {}, "onnx": {}, "big": {}, "targets": []}
+    for t in _tasks(doc, "train_timing"):
+        v = t["variants"]
+        rows = {}
+        for name, r in v.items():
+            rows[name] = {"median_s": r["median_s"], "median_cpu_s": r["median_cpu_s"], "phases_s": r["phases_s"], "trainable_params": r["trainable_params"]}
+            for ref in ("lora_r8", "full"):
+                if ref in v:
+                    rows[name][f"x_{ref}"] = M.paired_ratio(r["wall"], v[ref]["wall"])
+                    rows[name][f"x_{ref}_cpu"] = M.paired_ratio(r["cpu"], v[ref]["cpu"])
+        out["training"][t["model"]] = {"rows": rows, "load": _load(t), "rounds": t["rounds"]}
+    for t in _tasks(doc, "train_memory"):
+        row = {k: t[k] for k in ("peak_rss_mib", "growth_mib", "rss_built_mib", "saved_mib") if k in t} | {"load": _load(t)}
+        if "cuda_peak_mib" in t:  # on a GPU the peak that matters is the device's
+            row |= {"peak_rss_mib": t["cuda_peak_mib"], "growth_mib": t["cuda_growth_mib"], "host_peak_rss_mib": t["peak_rss_mib"]}
+        out["memory"].setdefault(t["model"], {})[t["variant"]] = row
+    for t in _tasks(doc, "inference") + _tasks(doc, "onnx"):
+        kind = t["spec"]["task"]
+        v = t["variants"]
+        out[kind][t["model"]] = {"load": _load(t), "rows": {n: {"median_s": r["median_s"], "x_base": M.paired_ratio(r["wall"], v["base"]["wall"]),
+                                                                **{k: r[k] for k in ("export_s", "file_mib", "provider") if k in r}} for n, r in v.items()},
+                                 "err": t.get("fold_max_rel_err", t.get("folded_vs_unmerged_max_rel_err"))}
+    for t in _tasks(doc, "big_apply_fold") + _tasks(doc, "big_onnx"):
+        out["big"].setdefault(t["model"], {}).update({k: v for k, v in t.items() if k not in ("spec", "ok")})
+    floors = {t["model"]: t for t in _tasks(doc, "gemm_floor")}
+    out["gemm_floor"] = {m: {"dense_s": t["dense"]["median_s"], "with_dw_s": t["with_dw"]["median_s"], "load": _load(t)} for m, t in floors.items()}
+
+    def target(what: str, value: float | None, low: float | None, high: float | None, detail: str = "") -> None:
+        met = None if value is None else (low is None or value >= low) and (high is None or value <= high)
+        bound = f"≤ {high}" if low is None else f"{low}–{high}"
+        out["targets"].append({"target": what, "measured": value, "bound": bound, "met": met, "detail": detail})
+
+    for model, tr in out["training"].items():
+        rows = tr["rows"]
+        r = rows.get("rlrr")
+        name = MODEL_NAMES.get(model, model)
+        floor = out["gemm_floor"].get(model)
+        bounds = {}
+        if "dense_floor" in rows and floor and "lora_r8" in rows:  # RLRR ≥ dX-only backward + the dW GEMMs
+            bounds["lora_r8"] = (rows["dense_floor"]["median_s"] + floor["with_dw_s"] - floor["dense_s"]) / rows["lora_r8"]["median_s"]
+        if "full" in rows:  # RLRR ≥ full fine-tuning's forward + backward (same GEMMs), i.e. minus its optimizer step
+            ph = rows["full"]["phases_s"]
+            bounds["full"] = (ph["forward"] + ph["backward"]) / sum(ph.values())
+        tr["bounds"] = bounds
+        for ref, label, high in (("lora_r8", "PEFT LoRA r=8", 1.05), ("full", "full fine-tuning", 0.95)):
+            if r and f"x_{ref}" in r:
+                bound = f"; lower bound by arithmetic {bounds[ref]:.3f}" if ref in bounds else ""
+                target(f"{name} training step, RLRR / {label}", r[f"x_{ref}"]["median"], None, high,
+                       _ratio(r[f"x_{ref}"]) + f"; CPU time {r[f'x_{ref}_cpu']['median']:.3f}" + bound)
+    for model, mem in out["memory"].items():
+        if "rlrr" in mem and "lora_r8" in mem:
+            name = MODEL_NAMES.get(model, model)
+            growth = mem["rlrr"]["growth_mib"] / mem["lora_r8"]["growth_mib"]
+            saved = f"; saved for backward {mem['rlrr']['saved_mib'] / mem['lora_r8']['saved_mib']:.2f}" if "saved_mib" in mem["rlrr"] else ""
+            target(f"{name} peak training RSS, RLRR / PEFT LoRA r=8", mem["rlrr"]["peak_rss_mib"] / mem["lora_r8"]["peak_rss_mib"], None, 0.85,
+                   f"{mem['rlrr']['peak_rss_mib']:.0f} / {mem['lora_r8']['peak_rss_mib']:.0f} MiB; growth over the built model {growth:.2f}{saved}")
+    for kind, label in (("inference", "PyTorch"), ("onnx", "onnxruntime")):
+        for model, inf in out[kind].items():
+            name = MODEL_NAMES.get(model, model)
+            rows = inf["rows"]
+            if "rlrr_unmerged" in rows:
+                target(f"{name} {label} latency, RLRR unmerged (eval) / base", rows["rlrr_unmerged"]["x_base"]["median"], None, 1.05, _ratio(rows["rlrr_unmerged"]["x_base"]))
+            if "rlrr_folded" in rows:
+                target(f"{name} {label} latency, folded / base", rows["rlrr_folded"]["x_base"]["median"], 0.97, 1.03, _ratio(rows["rlrr_folded"]["x_base"]))
+    for model, big in out["big"].items():
+        name = MODEL_NAMES.get(model, model)
+        if "apply_fold_s" in big:
+            target(f"{name} apply + fold time (s)", big["apply_fold_s"], None, 20, f"apply {big['apply_s']:.1f} s + fold {big['fold_s']:.1f} s")
+            target(f"{name} apply/fold peak RSS / fp32 model size", big["apply_fold_peak_over_fp32"], None, 2.5,
+                   f"peak {max(big['apply_peak_rss_mib'], big['fold_peak_rss_mib']):.0f} MiB, model {big['fp32_mib']:.0f} MiB fp32 (process incl. build: {big['process_peak_rss_mib']:.0f} MiB)")
+    return out
+
+
+def markdown(doc: dict, a: dict) -> str:
+    env = doc["environment"]
+    lines = [
+        "# RLRR benchmark",
+        "",
+        f"`{doc['command']}`, {doc['started']} → {doc['finished']}; torch {env['torch']}, {env['device']}, "
+        f"{env['threads']} threads on {env['cores']} cores, {env['memory_gib']} GiB. Batch 8, 224², fp32, AdamW; random weights.",
+        "Times are medians over interleaved rounds after warm-up; ratios are the median [min–max] of per-round ratios "
+        "(each round runs every variant once, under the same load). `load` is the 1-minute load average before→after each task.",
+        "",
+        "## Targets",
+        "",
+        "| target | measured | bound | met | detail |",
+        "|---|---|---|---|---|",
+    ]
+    for t in a["targets"]:
+        met = "n/a" if t["met"] is None else ("yes" if t["met"] else "**no**")
+        lines.append(f"| {t['target']} | {t['measured']:.3f} | {t['bound']} | {met} | {t['detail']} |")
+    for model, tr in a["training"].items():
+        mem = a["memory"].get(model, {})
+        lines += ["", f"## Training step, {MODEL_NAMES.get(model, model)} (load {tr['load']}, {tr['rounds']} rounds)", "",
+                  "| variant | trainable | step s | CPU s | × LoRA | × full FT | fwd / bwd / opt s | peak RSS MiB | growth MiB | saved for bwd MiB | mem load |",
+                  "|---|---:|---:|---:|---|---|---|---:|---:|---:|---|"]
+        for name, r in tr["rows"].items():
+            m = mem.get(name, {})
+            ph = r["phases_s"]
+            lines.append(
+                f"| {NAMES.get(name, name)} | {r['trainable_params']:,} | {r['median_s']:.3f} | {r['median_cpu_s']:.2f} | "
+                f"{_ratio(r['x_lora_r8']) if 'x_lora_r8' in r else ''} | {_ratio(r['x_full']) if 'x_full' in r else ''} | "
+                f"{ph['forward']:.2f} / {ph['backward']:.2f} / {ph['optimizer']:.3f} | "
+                f"{_num(m.get('peak_rss_mib'))} | {_num(m.get('growth_mib'))} | {_num(m.get('saved_mib'))} | {m.get('load', '')} |")
+        floor = a["gemm_floor"].get(model)
+        if floor:
+            lines += ["", f"GEMM floor (the adapted linears' GEMMs alone, load {floor['load']}): forward + dX {floor['dense_s']:.3f} s; "
+                      f"with the weight-gradient GEMM dYᵀX {floor['with_dw_s']:.3f} s (+{floor['with_dw_s'] - floor['dense_s']:.3f} s a step, "
+                      "paid by full fine-tuning and RLRR, not by LoRA)."]
+    for kind, title in (("inference", "Inference latency, PyTorch eager, no_grad"), ("onnx", "Inference latency, onnxruntime")):
+        for model, inf in a[kind].items():
+            lines += ["", f"## {title}, {MODEL_NAMES.get(model, model)} (load {inf['load']})", "",
+                      "| model | latency s | × base | notes |", "|---|---:|---|---|"]
+            for name, r in inf["rows"].items():
+                notes = ", ".join(f"{k} {r[k]:.1f}" if isinstance(r[k], float) else f"{r[k]}" for k in ("export_s", "file_mib", "provider") if k in r)
+                lines.append(f"| {NAMES.get(name, name)} | {r['median_s']:.4f} | {_ratio(r['x_base'])} | {notes} |")
+            if inf.get("err") is not None:
+                lines.append(f"\nfolded vs unmerged PyTorch output: max abs error / output scale = {inf['err']:.1e}")
+    for model, big in a["big"].items():
+        lines += ["", f"## {MODEL_NAMES.get(model, model)}: apply, fold, ONNX export", "", "| step | time s | peak RSS MiB | notes |", "|---|---:|---:|---|"]
+        if "apply_s" in big:
+            lines += [
+                f"| build (timm, random init) | {big['build_s']:.1f} | {big['rss_built_mib']:.0f} (after) | {big['params']:,} parameters, {big['fp32_mib']:.0f} MiB fp32 |",
+                f"| `rlrr.apply` (paper placement) | {big['apply_s']:.2f} | {big['apply_peak_rss_mib']:.0f} | load {_load(big)} |",
+                f"| `export.fold` | {big['fold_s']:.2f} | {big['fold_peak_rss_mib']:.0f} | |",
+            ]
+        if "export_s" in big:
+            lines.append(f"| ONNX export of the folded model (dynamo, external data, batch 1) | {big['export_s']:.1f} | {big['export_peak_rss_mib']:.0f} | "
+                         f"{big['export_files_mib']:.0f} MiB written; RSS before {big['export_rss_before_mib']:.0f} MiB (model + imports); load {big['export_load_before'][0]:.1f} |")
+    failed = [t for t in doc["tasks"] if not t.get("ok")]
+    if failed:
+        lines += ["", "## Failed tasks", ""] + [f"- {t['spec']}: {t.get('error')}" for t in failed]
+    return "\n".join(lines) + "\n"
+
+
+def chart(a: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 4, figsize=(21, 5.5), gridspec_kw={"width_ratios": [3, 3, 3, 1.6]})
+    ax = axes[0]
+    models = list(a["training"])
+    variants = [v for v in NAMES if any(v in a["training"][m]["rows"] for m in models) and v != "linear_probe"]
+    width = 0.8 / max(len(models), 1)
+    for i, m in enumerate(models):
+        rows = a["training"][m]["rows"]
+        xs = [j + i * width for j, v in enumerate(variants) if v in rows]
+        meds = [rows[v]["x_lora_r8"]["median"] for v in variants if v in rows]
+        errs = [[rows[v]["x_lora_r8"]["median"] - rows[v]["x_lora_r8"]["min"] for v in variants if v in rows],
+                [rows[v]["x_lora_r8"]["max"] - rows[v]["x_lora_r8"]["median"] for v in variants if v in rows]]
+        ax.bar(xs, meds, width, yerr=errs, capsize=3, label=MODEL_NAMES.get(m, m))
+    ax.axhline(1.05, color="k", ls="--", lw=1, label="target 1.05× LoRA")
+    ax.set_xticks([j + width * (len(models) - 1) / 2 for j in range(len(variants))], [NAMES[v].split(" (")[0].replace("ablation: ", "abl: ") for v in variants], rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("training step time / PEFT LoRA r=8 (paired, median)")
+    ax.set_title("Training step")
+    ax.legend(fontsize=8)
+
+    ax = axes[1]
+    for i, m in enumerate(a["memory"]):
+        mem = a["memory"][m]
+        vs = [v for v in variants if v in mem]
+        ax.bar([j + i * width for j in range(len(vs))], [mem[v]["peak_rss_mib"] for v in vs], width, label=MODEL_NAMES.get(m, m))
+        ax.set_xticks(range(len(vs)), [NAMES[v].split(" (")[0].replace("ablation: ", "abl: ") for v in vs], rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("peak RSS of a process training only that variant (MiB)")
+    ax.set_title("Peak training memory")
+    ax.legend(fontsize=8)
+
+    ax = axes[2]
+    labels, vals, errs = [], [], [[], []]
+    for kind, tag in (("inference", "torch"), ("onnx", "ort")):
+        for m, inf in a[kind].items():
+            for v, r in inf["rows"].items():
+                if v == "base":
+                    continue
+                labels.append(f"{MODEL_NAMES.get(m, m)} {tag}: {NAMES[v].replace('RLRR ', '')}")
+                vals.append(r["x_base"]["median"])
+                errs[0].append(r["x_base"]["median"] - r["x_base"]["min"])
+                errs[1].append(r["x_base"]["max"] - r["x_base"]["median"])
+    ax.barh(range(len(vals)), vals, xerr=errs, capsize=3, color="tab:green")
+    ax.axvline(1.0, color="k", lw=1)
+    ax.axvline(1.05, color="k", ls="--", lw=1)
+    ax.set_yticks(range(len(vals)), labels, fontsize=7)
+    ax.set_xlabel("latency / base model (paired, median)")
+    ax.set_title("Inference")
+
+    ax = axes[3]
+    for m, big in a["big"].items():
+        steps = [(k, big[f"{k}_s"], big.get(f"{k}_peak_rss_mib")) for k in ("apply", "fold", "export") if f"{k}_s" in big]
+        ax.bar([k for k, _, _ in steps], [t for _, t, _ in steps], color="tab:purple")
+        for i, (_, t, peak) in enumerate(steps):
+            if peak:
+                ax.annotate(f"{t:.1f} s\npeak {peak / big.get('fp32_mib', peak):.2f}× fp32" if "fp32_mib" in big else f"{t:.1f} s", (i, t), ha="center", va="bottom", fontsize=7)
+        ax.set_title(f"{MODEL_NAMES.get(m, m)}: apply, fold, ONNX export")
+        ax.set_ylabel("seconds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_reports(doc: dict, out: Path) -> dict[str, str]:
+    a = analyse(doc)
+    doc = {**doc, "analysis": a}
+    paths = {"json": out / "benchmark.json", "md": out / "benchmark.md", "png": out / "benchmark.png"}
+    paths["json"].write_text(json.dumps(doc, indent=1))
+    paths["md"].write_text(markdown(doc, a))
+    chart(a, paths["png"])
+    return {k: str(v) for k, v in paths.items()}
+
+
+if __name__ == "__main__":
+    source = Path(sys.argv[1])
+    doc = json.loads(source.read_text())
+    doc.pop("analysis", None)
+    print(write_reports(doc, source.parent))

@@ -1,0 +1,255 @@
+"""What one worker process measures. Each task returns a JSON-able dict; `benchmarks.worker` runs one.
+
+- `train_timing`: every training variant of one model in one process, steps interleaved.
+- `train_memory`: one variant only, so the process's peak RSS is that variant's.
+- `gemm_floor`: the adapted linears' GEMMs alone, with and without the weight-gradient GEMM.
+- `inference`: base, RLRR unmerged (eval, cached W'), the same recomputing W' per call, folded.
+- `onnx`: onnxruntime, base vs folded ONNX files.
+- `big_apply_fold` / `big_onnx`: `apply`, `fold` and the ONNX export of ViT-H/14, with peak RSS.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import rlrr
+from benchmarks import measure as M
+from benchmarks import variants as V
+
+BATCH = 8
+IMG = 224
+
+
+def _data(dev: torch.device, batch: int = BATCH) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, IMG, IMG, generator=g)
+    y = torch.randint(0, V.NUM_CLASSES, (batch,), generator=g)
+    return x.to(dev), y.to(dev)
+
+
+class Trainer:
+    """One training step (forward, backward, AdamW step) of one variant, timed by phase."""
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, dev: torch.device) -> None:
+        self.model, self.x, self.y, self.dev = model.train(), x, y, dev
+        self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        self.phases: dict[str, list[float]] = {"forward": [], "backward": [], "optimizer": []}
+
+    def step(self) -> None:
+        t0 = time.perf_counter()
+        loss = F.cross_entropy(self.model(self.x), self.y)
+        M.sync(self.dev)
+        t1 = time.perf_counter()
+        loss.backward()
+        M.sync(self.dev)
+        t2 = time.perf_counter()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        M.sync(self.dev)
+        t3 = time.perf_counter()
+        for name, dt in zip(self.phases, (t1 - t0, t2 - t1, t3 - t2)):
+            self.phases[name].append(dt)
+
+
+def _build_variant(model: str, variant: str, dev: torch.device) -> nn.Module:
+    return V.TRAIN_VARIANTS[variant](V.build(model).to(dev))
+
+
+def train_timing(model: str, variants: list[str], rounds: int, warmup: int) -> dict:
+    dev = M.device()
+    x, y = _data(dev)
+    trainers = {v: Trainer(_build_variant(model, v, dev), x, y, dev) for v in variants}
+    load_before = M.load()
+    times = M.interleaved({v: t.step for v, t in trainers.items()}, rounds, warmup, dev)
+    out = {"model": model, "device": str(dev), "rounds": rounds, "warmup": warmup, "load_before": load_before, "load_after": M.load(), "variants": {}}
+    for v, t in trainers.items():
+        phases = {k: M.median(vals[warmup:]) for k, vals in t.phases.items()}
+        out["variants"][v] = {
+            "trainable_params": V.trainable_parameters(t.model),
+            "wall": times[v]["wall"],
+            "cpu": times[v]["cpu"],
+            "median_s": M.median(times[v]["wall"]),
+            "median_cpu_s": M.median(times[v]["cpu"]),
+            "phases_s": phases,
+        }
+    return out
+
+
+def train_memory(model: str, variant: str, steps: int) -> dict:
+    dev = M.device()
+    x, y = _data(dev)
+    rss_start = M.rss_mib()
+    trainer = Trainer(_build_variant(model, variant, dev), x, y, dev)  # PEFT's import counts here, for LoRA
+    rss_built = M.rss_mib()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+        cuda_base = torch.cuda.memory_allocated(dev)
+    walls = [M.timed(trainer.step, dev)[0] for _ in range(steps)]
+    out = {
+        "model": model, "variant": variant, "device": str(dev), "steps": walls, "load": M.load(),
+        "rss_start_mib": rss_start, "rss_built_mib": rss_built, "peak_rss_mib": M.peak_rss_mib(),
+        "saved_mib": saved_for_backward(trainer) / M.MiB,
+    }
+    out["growth_mib"] = out["peak_rss_mib"] - rss_built
+    if dev.type == "cuda":
+        out["cuda_peak_mib"] = torch.cuda.max_memory_allocated(dev) / M.MiB
+        out["cuda_growth_mib"] = (torch.cuda.max_memory_allocated(dev) - cuda_base) / M.MiB
+    return out
+
+
+def saved_for_backward(trainer: Trainer) -> int:
+    """Bytes autograd keeps from forward to backward, parameters excluded (each storage once).
+
+    Unlike peak RSS this does not depend on how the allocator reuses freed blocks: it is the
+    activation memory a method needs, and where a materialised W' shows up.
+    """
+    model = trainer.model
+    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in own:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = F.cross_entropy(model(trainer.x), trainer.y)
+    del loss
+    return sum(seen.values())
+
+
+def gemm_floor(model: str, rounds: int, warmup: int) -> dict:
+    """The adapted linears' GEMMs of one step at the model's real shapes, alone.
+
+    "dense" is forward + dX (what LoRA's frozen base layers cost), "with_dw" adds the
+    weight-gradient GEMM dYᵀX that full fine-tuning and RLRR both need (the adapter parameters'
+    gradient reads dW' elementwise: see docs/performance.md).
+    """
+    dev = M.device()
+    base = V.build(model).to(dev)
+    layers = [m for n, m in base.named_modules() if isinstance(m, nn.Linear) and n.split(".")[-1] in ("qkv", "proj", "fc1", "fc2")]
+    tokens = BATCH * (base.patch_embed.num_patches + 1)
+    xs = {id(m): torch.randn(tokens, m.in_features, device=dev, requires_grad=True) for m in layers}
+
+    def run(with_dw: bool) -> None:
+        for m in layers:
+            m.weight.requires_grad_(with_dw)
+            x = xs[id(m)]
+            y = F.linear(x, m.weight)
+            y.backward(torch.ones_like(y))
+            m.weight.grad = x.grad = None
+
+    times = M.interleaved({"dense": lambda: run(False), "with_dw": lambda: run(True)}, rounds, warmup, dev)
+    return {"model": model, "layers": len(layers), "tokens": tokens, "load": M.load(),
+            **{k: {"median_s": M.median(v["wall"]), "wall": v["wall"]} for k, v in times.items()}}
+
+
+def _inference_models(model: str, dev: torch.device) -> dict[str, nn.Module]:
+    from export import fold
+
+    base = V.build(model).to(dev).eval()
+    unmerged = V.rlrr_paper(copy.deepcopy(base)).eval()
+    with torch.no_grad():  # random, non-trivial adapters: the paper's init plus non-zero shifts
+        for a in rlrr.adapters_of(unmerged):
+            for n, p in a.named_parameters():
+                if "shift" in n:
+                    p.normal_(0.0, 0.02)
+    recomputing = copy.deepcopy(unmerged).train()  # train mode: the cache is off, W' recomputed per call
+    folded = fold(copy.deepcopy(unmerged)).eval()
+    return {"base": base, "rlrr_unmerged": unmerged, "rlrr_unmerged_recomputed": recomputing, "rlrr_folded": folded}
+
+
+def inference(model: str, rounds: int, warmup: int) -> dict:
+    dev = M.device()
+    x, _ = _data(dev)
+    models = _inference_models(model, dev)
+    with torch.no_grad():
+        ref = models["rlrr_unmerged"](x)
+        err = (models["rlrr_folded"](x) - ref).abs().max().item() / ref.abs().max().item()
+        load_before = M.load()
+        times = M.interleaved({k: (lambda m=m: m(x)) for k, m in models.items()}, rounds, warmup, dev)
+    return {"model": model, "device": str(dev), "rounds": rounds, "load_before": load_before, "load_after": M.load(),
+            "fold_max_rel_err": err, "variants": {k: {"median_s": M.median(v["wall"]), **v} for k, v in times.items()}}
+
+
+def onnx(model: str, rounds: int, warmup: int) -> dict:
+    import onnxruntime as ort
+
+    dev = torch.device("cpu")  # the export runs on CPU; onnxruntime picks its own provider below
+    x, _ = _data(dev)
+    models = _inference_models(model, dev)
+    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+    out: dict = {"model": model, "rounds": rounds, "variants": {}}
+    sessions = {}
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+        ref = models["rlrr_unmerged"](x).numpy()
+        for name in ("base", "rlrr_folded"):
+            path = Path(tmp) / f"{name}.onnx"
+            t = time.perf_counter()
+            torch.onnx.export(models[name], (x,), str(path), dynamo=True, external_data=False)
+            export_s = time.perf_counter() - t
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = torch.get_num_threads()
+            sessions[name] = ort.InferenceSession(str(path), opts, providers=providers)
+            out["variants"][name] = {"export_s": export_s, "file_mib": path.stat().st_size / M.MiB, "provider": sessions[name].get_providers()[0]}
+        feed = {sessions["base"].get_inputs()[0].name: x.numpy()}
+        got = sessions["rlrr_folded"].run(None, feed)[0]
+        out["folded_vs_unmerged_max_rel_err"] = float(abs(got - ref).max() / abs(ref).max())
+        out["load_before"] = M.load()
+        times = M.interleaved({k: (lambda s=s, f=feed: s.run(None, f)) for k, s in sessions.items()}, rounds, warmup, dev)
+        out["load_after"] = M.load()
+    for k, v in times.items():
+        out["variants"][k] |= {"median_s": M.median(v["wall"]), **v}
+    return out
+
+
+def big_apply_fold(model: str) -> dict:
+    """`apply` (the paper's placement) and `fold` on a big model: time and peak RSS of each."""
+    from export import fold
+
+    t = time.perf_counter()
+    net = V.build(model)
+    build_s = time.perf_counter() - t
+    fp32_mib = sum(p.numel() for p in net.parameters()) * 4 / M.MiB
+    out = {"model": model, "params": sum(p.numel() for p in net.parameters()), "fp32_mib": fp32_mib, "build_s": build_s,
+           "rss_built_mib": M.rss_mib(), "load_before": M.load()}
+    with M.RssSampler() as s_apply:
+        t = time.perf_counter()
+        V.rlrr_paper(net)
+        out["apply_s"] = time.perf_counter() - t
+    with M.RssSampler() as s_fold:
+        t = time.perf_counter()
+        fold(net)
+        out["fold_s"] = time.perf_counter() - t
+    out |= {"apply_peak_rss_mib": s_apply.peak_mib, "fold_peak_rss_mib": s_fold.peak_mib, "process_peak_rss_mib": M.peak_rss_mib(), "load_after": M.load()}
+    out["apply_fold_s"] = out["apply_s"] + out["fold_s"]
+    out["apply_fold_peak_over_fp32"] = max(s_apply.peak_mib, s_fold.peak_mib) / fp32_mib
+    return out
+
+
+def big_onnx(model: str) -> dict:
+    """The folded big model's ONNX export (external data: > 2 GB), time, peak RSS and files."""
+    from export import fold
+
+    net = fold(V.rlrr_paper(V.build(model))).eval()
+    x, _ = _data(torch.device("cpu"), batch=1)
+    out = {"model": model, "export_rss_before_mib": M.rss_mib(), "export_load_before": M.load()}
+    with tempfile.TemporaryDirectory() as tmp, M.RssSampler() as s, torch.no_grad():
+        path = Path(tmp) / "model.onnx"
+        t = time.perf_counter()
+        torch.onnx.export(net, (x,), str(path), dynamo=True, external_data=True)
+        out["export_s"] = time.perf_counter() - t
+        out["export_files_mib"] = sum(f.stat().st_size for f in Path(tmp).iterdir()) / M.MiB
+    out |= {"export_peak_rss_mib": s.peak_mib, "export_load_after": M.load()}
+    return out
+
+
+TASKS = {f.__name__: f for f in (train_timing, train_memory, gemm_floor, inference, onnx, big_apply_fold, big_onnx)}

@@ -69,7 +69,7 @@ def analyse(doc: dict) -> dict:
         v = t["variants"]
         out[kind][t["model"]] = {"load": _load(t), "rows": {n: {"median_s": r["median_s"], "x_base": M.paired_ratio(r["wall"], v["base"]["wall"]),
                                                                 **{k: r[k] for k in ("export_s", "file_mib", "provider") if k in r}} for n, r in v.items()},
-                                 "err": t.get("fold_max_rel_err", t.get("folded_vs_unmerged_max_rel_err"))}
+                                 "err": t.get("fold_max_rel_err", t.get("folded_vs_unmerged_max_rel_err")), "same_graph": t.get("same_graph")}
     for t in _tasks(doc, "big_apply_fold") + _tasks(doc, "big_onnx"):
         out["big"].setdefault(t["model"], {}).update({k: v for k, v in t.items() if k not in ("spec", "ok")})
     floors = {t["model"]: t for t in _tasks(doc, "gemm_floor")}
@@ -166,6 +166,8 @@ def markdown(doc: dict, a: dict) -> str:
                 lines.append(f"| {NAMES.get(name, name)} | {r['median_s']:.4f} | {_ratio(r['x_base'])} | {notes} |")
             if inf.get("err") is not None:
                 lines.append(f"\nfolded vs unmerged PyTorch output: max abs error / output scale = {inf['err']:.1e}")
+            if inf.get("same_graph") is not None:
+                lines.append(f"base and folded ONNX graphs: {'the same operators and initializer shapes' if inf['same_graph'] else '**different**'}")
     for model, big in a["big"].items():
         lines += ["", f"## {MODEL_NAMES.get(model, model)}: apply, fold, ONNX export", "", "| step | time s | peak RSS MiB | notes |", "|---|---:|---:|---|"]
         if "apply_s" in big:
@@ -183,69 +185,74 @@ def markdown(doc: dict, a: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _short(v: str) -> str:
+    return NAMES[v].split(" (")[0].replace("ablation: ", "abl: ").replace("yardstick: ", "")
+
+
 def chart(a: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 4, figsize=(21, 5.5), gridspec_kw={"width_ratios": [3, 3, 3, 1.6]})
-    ax = axes[0]
+    fig, axes = plt.subplots(2, 2, figsize=(15, 11))
     models = list(a["training"])
-    variants = [v for v in NAMES if any(v in a["training"][m]["rows"] for m in models) and v != "linear_probe"]
     width = 0.8 / max(len(models), 1)
+
+    ax = axes[0, 0]
+    variants = [v for v in NAMES if any(v in a["training"][m]["rows"] for m in models) and v != "linear_probe"]
     for i, m in enumerate(models):
         rows = a["training"][m]["rows"]
-        xs = [j + i * width for j, v in enumerate(variants) if v in rows]
-        meds = [rows[v]["x_lora_r8"]["median"] for v in variants if v in rows]
-        errs = [[rows[v]["x_lora_r8"]["median"] - rows[v]["x_lora_r8"]["min"] for v in variants if v in rows],
-                [rows[v]["x_lora_r8"]["max"] - rows[v]["x_lora_r8"]["median"] for v in variants if v in rows]]
-        ax.bar(xs, meds, width, yerr=errs, capsize=3, label=MODEL_NAMES.get(m, m))
-    ax.axhline(1.05, color="k", ls="--", lw=1, label="target 1.05× LoRA")
-    ax.set_xticks([j + width * (len(models) - 1) / 2 for j in range(len(variants))], [NAMES[v].split(" (")[0].replace("ablation: ", "abl: ") for v in variants], rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("training step time / PEFT LoRA r=8 (paired, median)")
-    ax.set_title("Training step")
+        idx = [j for j, v in enumerate(variants) if v in rows]
+        r = [rows[variants[j]]["x_lora_r8"] for j in idx]
+        ax.bar([j + i * width for j in idx], [x["median"] for x in r], width, capsize=3, label=MODEL_NAMES.get(m, m),
+               yerr=[[x["median"] - x["min"] for x in r], [x["max"] - x["median"] for x in r]])
+    ax.axhline(1.05, color="k", ls="--", lw=1, label="target: 1.05× LoRA")
+    ax.set_xticks([j + width * (len(models) - 1) / 2 for j in range(len(variants))], [_short(v) for v in variants], rotation=25, ha="right", fontsize=8)
+    ax.set_ylabel("step time / PEFT LoRA r=8 (per-round ratio: median, min–max)")
+    ax.set_title("Training step (batch 8, 224², AdamW)")
     ax.legend(fontsize=8)
 
-    ax = axes[1]
-    for i, m in enumerate(a["memory"]):
-        mem = a["memory"][m]
-        vs = [v for v in variants if v in mem]
-        ax.bar([j + i * width for j in range(len(vs))], [mem[v]["peak_rss_mib"] for v in vs], width, label=MODEL_NAMES.get(m, m))
-        ax.set_xticks(range(len(vs)), [NAMES[v].split(" (")[0].replace("ablation: ", "abl: ") for v in vs], rotation=30, ha="right", fontsize=8)
+    ax = axes[0, 1]
+    mem_models = list(a["memory"])
+    variants = [v for v in NAMES if any(v in a["memory"][m] for m in mem_models)]
+    for i, m in enumerate(mem_models):
+        idx = [j for j, v in enumerate(variants) if v in a["memory"][m]]
+        ax.bar([j + i * width for j in idx], [a["memory"][m][variants[j]]["peak_rss_mib"] for j in idx], width, label=MODEL_NAMES.get(m, m))
+    ax.set_xticks([j + width * (len(mem_models) - 1) / 2 for j in range(len(variants))], [_short(v) for v in variants], rotation=25, ha="right", fontsize=8)
     ax.set_ylabel("peak RSS of a process training only that variant (MiB)")
     ax.set_title("Peak training memory")
     ax.legend(fontsize=8)
 
-    ax = axes[2]
+    ax = axes[1, 0]
     labels, vals, errs = [], [], [[], []]
-    for kind, tag in (("inference", "torch"), ("onnx", "ort")):
+    for kind, tag in (("inference", "PyTorch"), ("onnx", "onnxruntime")):
         for m, inf in a[kind].items():
             for v, r in inf["rows"].items():
-                if v == "base":
-                    continue
-                labels.append(f"{MODEL_NAMES.get(m, m)} {tag}: {NAMES[v].replace('RLRR ', '')}")
-                vals.append(r["x_base"]["median"])
-                errs[0].append(r["x_base"]["median"] - r["x_base"]["min"])
-                errs[1].append(r["x_base"]["max"] - r["x_base"]["median"])
+                if v != "base":
+                    labels.append(f"{MODEL_NAMES.get(m, m)} {tag}: {NAMES[v].replace('RLRR ', '')}")
+                    vals.append(r["x_base"]["median"])
+                    errs[0].append(r["x_base"]["median"] - r["x_base"]["min"])
+                    errs[1].append(r["x_base"]["max"] - r["x_base"]["median"])
     ax.barh(range(len(vals)), vals, xerr=errs, capsize=3, color="tab:green")
     ax.axvline(1.0, color="k", lw=1)
     ax.axvline(1.05, color="k", ls="--", lw=1)
-    ax.set_yticks(range(len(vals)), labels, fontsize=7)
-    ax.set_xlabel("latency / base model (paired, median)")
-    ax.set_title("Inference")
+    ax.set_yticks(range(len(vals)), labels, fontsize=8)
+    ax.set_xlabel("latency / base model (per-round ratio: median, min–max); dashed: 1.05")
+    ax.set_title("Inference latency (batch 8)")
 
-    ax = axes[3]
+    ax = axes[1, 1]
     for m, big in a["big"].items():
         steps = [(k, big[f"{k}_s"], big.get(f"{k}_peak_rss_mib")) for k in ("apply", "fold", "export") if f"{k}_s" in big]
         ax.bar([k for k, _, _ in steps], [t for _, t, _ in steps], color="tab:purple")
         for i, (_, t, peak) in enumerate(steps):
-            if peak:
-                ax.annotate(f"{t:.1f} s\npeak {peak / big.get('fp32_mib', peak):.2f}× fp32" if "fp32_mib" in big else f"{t:.1f} s", (i, t), ha="center", va="bottom", fontsize=7)
-        ax.set_title(f"{MODEL_NAMES.get(m, m)}: apply, fold, ONNX export")
+            note = f"{t:.1f} s" + (f"\npeak RSS {peak / big['fp32_mib']:.2f}× fp32 size" if peak and "fp32_mib" in big else "")
+            ax.annotate(note, (i, t), ha="center", va="bottom", fontsize=8)
+        ax.set_ylim(0, 1.2 * max((t for _, t, _ in steps), default=1))
+        ax.set_title(f"{MODEL_NAMES.get(m, m)}: apply, fold, ONNX export (peak RSS includes imports)")
         ax.set_ylabel("seconds")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 

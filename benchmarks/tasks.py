@@ -200,6 +200,7 @@ def onnx(model: str, rounds: int, warmup: int) -> dict:
             opts.intra_op_num_threads = torch.get_num_threads()
             sessions[name] = ort.InferenceSession(str(path), opts, providers=providers)
             out["variants"][name] = {"export_s": export_s, "file_mib": path.stat().st_size / M.MiB, "provider": sessions[name].get_providers()[0]}
+        out["same_graph"] = _graph_signature(Path(tmp) / "base.onnx") == _graph_signature(Path(tmp) / "rlrr_folded.onnx")
         feed = {sessions["base"].get_inputs()[0].name: x.numpy()}
         got = sessions["rlrr_folded"].run(None, feed)[0]
         out["folded_vs_unmerged_max_rel_err"] = float(abs(got - ref).max() / abs(ref).max())
@@ -209,6 +210,15 @@ def onnx(model: str, rounds: int, warmup: int) -> dict:
     for k, v in times.items():
         out["variants"][k] |= {"median_s": M.median(v["wall"]), **v}
     return out
+
+
+def _graph_signature(path: Path) -> tuple:
+    """The ONNX graph's operators in order and its initializers' shapes: equal for two files means
+    onnxruntime runs the same computation on different numbers."""
+    import onnx
+
+    g = onnx.load(str(path), load_external_data=False).graph
+    return tuple(n.op_type for n in g.node), tuple(sorted((tuple(i.dims), i.data_type) for i in g.initializer))
 
 
 def big_apply_fold(model: str) -> dict:

@@ -38,3 +38,7 @@ class VerificationError(RLRRError, RuntimeError):
     def __init__(self, message: str, report=None) -> None:
         super().__init__(message)
         self.report = report
+
+
+class VacuousCheckWarning(UserWarning):
+    """An output is the same for every input sample, so comparing it says nothing about the weights."""

@@ -26,12 +26,12 @@ from torch import Tensor, nn
 
 import rlrr
 from export.adapt import AdapterInfo, describe_random, random_adapter, read_metadata
-from export.errors import VerificationError
+from export.errors import VacuousCheckWarning, VerificationError
 from export.files import Staging, report_path
 from export.fold import fold_with_report
 from export.models import ModelInfo, build_model, input_size, load_weights, read_weights, wake
 from export.report import ExportReport, Latency
-from export.verify import DEFAULT_TOLERANCE, compare, flatten, make_inputs, median_latency, paired_latency, reference_outputs
+from export.verify import DEFAULT_TOLERANCE, compare, flatten, make_inputs, median_latency, paired_latency, reference_outputs, sample_independent
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 Progress = Callable[[str, "float | None"], None]  # (step text, None at start / seconds at the end)
@@ -236,6 +236,9 @@ def run_export(
         inputs = make_inputs(shape, batch_sizes, inputs_per_batch, seed) if verify else []
         with steps(f"reference outputs of the unmerged model ({len(inputs)} inputs)"):
             expected = reference_outputs(run.model, inputs)
+        for name in sample_independent(expected, run.names):
+            warnings.warn(f"output {name!r} of the unmerged model is the same for every input sample, so the check cannot see "
+                          "the weights through it (a zero-initialised head? load trained weights)", VacuousCheckWarning, stacklevel=1)
         with steps("folding the adapters into the weights (Eq. 20)"):
             _, fold_report = fold_with_report(run.model)
             run.model.to(run.dtype).eval()

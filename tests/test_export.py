@@ -43,7 +43,7 @@ from export.onnx import main as onnx_main
 from export.pipeline import ModelSpec, resolve_spec
 from export.torchscript import export_torchscript
 from export.torchscript import main as torchscript_main
-from export.verify import compare, provider_list
+from export.verify import compare, provider_list, sample_independent
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = {"batch_sizes": (1, 3), "inputs_per_batch": 2, "latency_runs": 0}
@@ -69,7 +69,7 @@ def _one_torch_thread():
 
 
 def tv_tiny_vit() -> nn.Module:
-    """torchvision's ViT (nn.MultiheadAttention, fused in_proj) at its smallest."""
+    """torchvision's ViT (nn.MultiheadAttention, fused in_proj) at its smallest (zero-initialised head)."""
     return torchvision.models.VisionTransformer(image_size=32, patch_size=16, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=5)
 
 
@@ -131,6 +131,24 @@ def test_torchvision_vit_module_rank2_with_external_data(tmp_path):
     assert_verified(report, out, extra=("tv_vit.onnx.data",))
     assert not rlrr.adapters_of(model), "a plain module given is left as it was (a copy is adapted)"
     assert onnx_batch_dim(out)
+
+
+def test_a_zero_head_makes_the_report_warn_that_the_check_is_vacuous(tmp_path):
+    model = tv_tiny_vit()  # torchvision zero-initialises the head: every output is the same
+    rlrr.apply(model, trainable="heads")  # the model's own adapter is exported as it is
+    report = export_onnx(model, tmp_path / "zero_head.onnx", input_shape=(3, 32, 32), **FAST)
+    assert report.passed is True  # it passes whatever the weights: hence the warning
+    assert any("VacuousCheckWarning" in w and "same for every input sample" in w for w in report.warnings), report.warnings
+    assert "same for every input sample" in report.table()
+    report = export_onnx(tv_tiny_vit(), tmp_path / "random.onnx", input_shape=(3, 32, 32), **FAST)  # the random adapter wakes the head
+    assert not any("VacuousCheckWarning" in w for w in report.warnings), report.warnings
+
+
+def test_sample_independent_finds_outputs_equal_for_every_sample():
+    varying, constant = torch.randn(3, 4), torch.tensor([1.0, 2.0]).expand(3, 2)
+    expected = [[varying, constant], [torch.randn(1, 4), torch.tensor([[1.0, 2.0]])]]
+    assert sample_independent(expected, ["a", "b"]) == ["b"]
+    assert sample_independent([[torch.ones(1, 4)]], ["a"]) == []  # one sample in all: cannot tell
 
 
 def test_an_adapted_model_is_exported_and_left_as_it_was(tmp_path):

@@ -38,6 +38,19 @@ class AdapterSet:
     metadata: dict = field(default_factory=dict)  # the caller's (preset, classes ...)
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux allows (os.umask is process-wide)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write) -> Path:
     """Call `write(tmp_path)` then rename onto `path`, so a reader never sees half a file."""
     path = Path(path)
@@ -46,6 +59,7 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # reason: safetensors creates its files 0600; give the usual mode
         os.replace(tmp, path)
     except OSError as e:
         raise AdapterFileError(f"cannot write {path}: {e}") from e

@@ -966,6 +966,16 @@ def test_save_overwrites_atomically(tmp_path):
     assert read_adapter_file(path)[1].rank == 2
 
 
+def test_saved_file_gets_the_mode_the_umask_gives(tmp_path):
+    _, model = adapted_net()
+    old = os.umask(0o027)
+    try:
+        path = rlrr.save_adapter(model, tmp_path / "a.safetensors")
+    finally:
+        os.umask(old)
+    assert os.stat(path).st_mode & 0o777 == 0o640  # not safetensors' own 0600
+
+
 def test_save_without_adapters_raises(net, tmp_path):
     with pytest.raises(rlrr.NotAdaptedError, match="apply"):
         rlrr.save_adapter(net, tmp_path / "a.safetensors")

@@ -18,7 +18,6 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-import psutil
 import torch
 
 MiB = 2**20
@@ -38,8 +37,14 @@ def load() -> list[float]:
     return [round(v, 2) for v in os.getloadavg()]
 
 
+def _psutil():
+    import psutil  # reason: the `bench` extra; the report and the tests import this module without it
+
+    return psutil
+
+
 def rss_mib() -> float:
-    return psutil.Process().memory_info().rss / MiB
+    return _psutil().Process().memory_info().rss / MiB
 
 
 def peak_rss_mib() -> float:
@@ -61,7 +66,7 @@ class RssSampler:
         return self
 
     def _run(self) -> None:
-        proc = psutil.Process()
+        proc = _psutil().Process()
         while not self._stop.is_set():
             self.peak_mib = max(self.peak_mib, proc.memory_info().rss / MiB)
             time.sleep(self.period_s)
@@ -127,5 +132,5 @@ def environment() -> dict:
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "device": str(device()) + (f" ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else ""),
-        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "memory_gib": round(_psutil().virtual_memory().total / 2**30, 1),
     }

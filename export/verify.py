@@ -62,7 +62,8 @@ def sample_independent(expected: Sequence[Sequence[Tensor]], names: Sequence[str
     """
     found = []
     for i, name in enumerate(names):
-        rows = [e.reshape(e.shape[0], -1) for outputs in expected for e in outputs[i : i + 1] if e.ndim >= 1 and e.numel()]
+        batches = [outputs[i] for outputs in expected]
+        rows = [e.reshape(e.shape[0], -1) for e in batches if e.ndim >= 1 and e.numel()]
         if not rows or len({r.shape[1] for r in rows}) != 1:
             continue
         stacked = torch.cat(rows)

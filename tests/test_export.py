@@ -58,14 +58,7 @@ MODEL_CASES = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """reason: the CLI subprocesses run beside these tests on 2 cores; oversubscribed OpenMP
-    threads spin-wait and slow small models down tenfold. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def tv_tiny_vit() -> nn.Module:

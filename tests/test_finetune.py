@@ -54,13 +54,7 @@ DDP_TOL = 1e-5  # logits and per-epoch losses of 1 vs 2 processes
 TENSOR_TOL = 1e-3  # adapter tensors: see test_two_gloo_processes_match_one_process
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two cores shared with other jobs: one intra-op thread is several times faster and deterministic."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def vit_config(output: Path, **kw) -> FinetuneConfig:

@@ -243,13 +243,9 @@ def record(name: str, err: tuple[float, float]) -> None:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread_and_report():
-    """One intra-op thread: these models are tiny, and with other processes on the machine
-    OpenMP's spinning threads make a 2-thread forward 20x slower. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread_and_report(one_torch_thread):
+    """One intra-op thread (tests/conftest.py); the largest fold errors printed at the end."""
     yield
-    torch.set_num_threads(threads)
     if FOLD_ERRORS:
         print("\nlargest fold error: max |folded - unmerged|, and that / max |unmerged|")
         for k, (a, r) in FOLD_ERRORS.items():

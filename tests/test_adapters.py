@@ -85,6 +85,15 @@ def randn(*shape: int, dtype: torch.dtype = F64, gen: torch.Generator | None = N
     return torch.randn(shape, generator=gen, dtype=F64).to(dtype)
 
 
+def random_layernorm(shape: list[int], dtype: torch.dtype, gen: torch.Generator) -> nn.LayerNorm:
+    """A LayerNorm with random γ and β (not its ones and zeros)."""
+    norm = nn.LayerNorm(shape).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(randn(*shape, dtype=dtype, gen=gen))
+        norm.bias.copy_(randn(*shape, dtype=dtype, gen=gen))
+    return norm
+
+
 def close(actual: Tensor, expected: Tensor, tol: float, scale: float | Tensor) -> None:
     scale = float(scale.detach()) if isinstance(scale, Tensor) else float(scale)
     torch.testing.assert_close(actual.detach().to(F64), expected.detach().to(F64), rtol=tol, atol=tol * max(scale, 1e-30))
@@ -399,10 +408,7 @@ def test_effective_bias_adds_the_shift(out: int, inn: int, shift: bool, dtype: t
 def test_norm_matches_ssf(shape: list[int], dtype: torch.dtype, seed: int) -> None:
     """γ' = γ ⊙ s, β' = β ⊙ s + t, and the layer computes s ⊙ LayerNorm(x) + t."""
     gen = torch.Generator().manual_seed(seed)
-    norm = nn.LayerNorm(shape).to(dtype)
-    with torch.no_grad():
-        norm.weight.copy_(randn(*shape, dtype=dtype, gen=gen))
-        norm.bias.copy_(randn(*shape, dtype=dtype, gen=gen))
+    norm = random_layernorm(shape, dtype, gen)
     gamma, beta = norm.weight.detach().clone(), norm.bias.detach().clone()
     adapter = NormScaleShift(norm.weight)
     randomise_(adapter, seed + 1)
@@ -557,10 +563,7 @@ def _fold(layer, plain, adapter, x, rows, cols, chunks, flat, unflat) -> tuple[T
 
 def norm_fold_case(shape: list[int], lead: tuple[int, ...], dtype: torch.dtype, seed: int) -> tuple[Tensor, Tensor, float]:
     gen = torch.Generator().manual_seed(seed)
-    norm = nn.LayerNorm(shape).to(dtype)
-    with torch.no_grad():
-        norm.weight.copy_(randn(*shape, dtype=dtype, gen=gen))
-        norm.bias.copy_(randn(*shape, dtype=dtype, gen=gen))
+    norm = random_layernorm(shape, dtype, gen)
     plain = copy.deepcopy(norm)
     adapter = NormScaleShift(norm.weight)
     register(norm, adapter)
@@ -665,10 +668,7 @@ def test_identity_init_conv_output_is_exactly_the_base(case_opts, scaling: Scali
 @given(shape=st.lists(st.integers(1, 8), min_size=1, max_size=2), dtype=dtypes, seed=seeds)
 def test_identity_init_norm_output_is_exactly_the_base(shape: list[int], dtype: torch.dtype, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
-    norm = nn.LayerNorm(shape).to(dtype)
-    with torch.no_grad():
-        norm.weight.copy_(randn(*shape, dtype=dtype, gen=gen))
-        norm.bias.copy_(randn(*shape, dtype=dtype, gen=gen))
+    norm = random_layernorm(shape, dtype, gen)
     base = copy.deepcopy(norm)
     adapter = NormScaleShift(norm.weight, init="identity")
     assert bool((adapter.rlrr_scale == 1).all()) and bool((adapter.rlrr_shift == 0).all())

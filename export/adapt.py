@@ -16,7 +16,6 @@ from torch import nn
 import rlrr
 from adapters import LinearRescale, NormScaleShift
 from export.models import classifier_name, wake
-from rlrr.state import read_adapter_file
 
 #: Keys `export` reads from (and `save_export_adapter` writes into) an adapter file's metadata.
 META_KEYS = ("model", "num_classes", "img_size", "model_kwargs", "preset", "tiny")
@@ -34,7 +33,7 @@ class AdapterInfo:
 
 def read_metadata(path: str | os.PathLike) -> dict:
     """The model-building keys an adapter file carries (model, num_classes, img_size, model_kwargs; zoo: preset, tiny)."""
-    _, _, _, user = read_adapter_file(path)
+    user = rlrr.read_adapter_file(path).metadata
     return {k: user[k] for k in META_KEYS if user.get(k) is not None}
 
 

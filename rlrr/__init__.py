@@ -37,7 +37,7 @@ from rlrr.multi import (
     set_active,
 )
 from rlrr.sites import Plan, Site, Skipped
-from rlrr.state import AdapterSet, load_adapter, save_adapter
+from rlrr.state import AdapterSet, adapter_state, atomic_write, load_adapter, read_adapter_file, save_adapter, write_adapter_file
 
 __all__ = [
     "KINDS",
@@ -68,7 +68,11 @@ __all__ = [
     "Skipped",
     "TraceError",
     "UnknownTargetKindError",
+    "adapter_state",
     "adapters_of",
+    "atomic_write",
+    "read_adapter_file",
+    "write_adapter_file",
     "apply",
     "load_adapter",
     "plan",

@@ -22,7 +22,7 @@ from adapters.combine import combine_concat, combine_weighted
 from rlrr.api import apply
 from rlrr.errors import AdapterMismatchError, ConfigError, UnknownAdapterError
 from rlrr.inject import adapters_of, detach
-from rlrr.state import AdapterSet, capture, install, read_adapter_set, write_adapter_file
+from rlrr.state import AdapterSet, adapter_state, install, read_adapter_file, write_adapter_file
 
 BANK = "_rlrr_adapter_bank"
 DEFAULT = "default"
@@ -40,7 +40,7 @@ def _bank(model: nn.Module) -> _Bank:
     if bank is None:
         bank = _Bank()
         if adapters_of(model):
-            bank.sets[DEFAULT], bank.active = capture(model), (DEFAULT,)
+            bank.sets[DEFAULT], bank.active = adapter_state(model), (DEFAULT,)
         model.__dict__[BANK] = bank
     return bank
 
@@ -49,7 +49,7 @@ def _sync(model: nn.Module, bank: _Bank) -> None:
     """The single active adapter trains in the model: take its current state into the bank."""
     if len(bank.active) == 1 and adapters_of(model):
         name = bank.active[0]
-        state = capture(model, bank.sets[name].metadata)
+        state = adapter_state(model, bank.sets[name].metadata)
         state.trained = {k: v.detach().clone() for k, v in state.trained.items()}
         bank.sets[name] = state
 
@@ -107,14 +107,14 @@ def add_adapter(model: nn.Module, name: str, targets=None, *, path: str | os.Pat
     if name in bank.sets:
         raise ConfigError(f"an adapter named {name!r} already exists; delete it first or pick another name")
     if path is not None:
-        state = read_adapter_set(path)
+        state = read_adapter_file(path)
     else:
         active = bank.active
         _go_live(model, bank, None, ())
         sets, bank.sets = bank.sets, {}  # apply refuses a model with named adapters
         try:
             apply(model, targets, **options)
-            state = capture(model)
+            state = adapter_state(model)
             state.trained = {k: v.detach().clone() for k, v in state.trained.items()}
         finally:
             bank.sets = sets

@@ -68,7 +68,7 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
     return path
 
 
-def capture(model: nn.Module, metadata: dict | None = None) -> AdapterSet:
+def adapter_state(model: nn.Module, metadata: dict | None = None) -> AdapterSet:
     """The live adapters of `model` as an AdapterSet (sharing the live tensors, not copies)."""
     adapters = adapters_of(model)
     if not adapters:
@@ -76,11 +76,6 @@ def capture(model: nn.Module, metadata: dict | None = None) -> AdapterSet:
     tensors = {f"{a.site.name}.{n}": p for a in adapters for n, p in a.named_parameters(recurse=False)}
     trained = {n: p for n, p in model.named_parameters() if p.requires_grad and ".parametrizations." not in f".{n}"}
     return AdapterSet(adapters[0].config, [a.site for a in adapters], tensors, trained, dict(metadata or {}))
-
-
-def adapter_tensors(model: nn.Module) -> dict[str, Tensor]:
-    """Adapter parameters by `adapter.<site>.<param>`, and other trained ones by `trained.<name>`."""
-    return _file_tensors(capture(model))
 
 
 def _file_tensors(state: AdapterSet) -> dict[str, Tensor]:
@@ -102,10 +97,10 @@ def write_adapter_file(path: str | os.PathLike, state: AdapterSet) -> Path:
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, metadata: dict | None = None) -> Path:
     """Write the live adapters (and trained head) of `model` to a safetensors file, atomically."""
-    return write_adapter_file(path, capture(model, metadata))
+    return write_adapter_file(path, adapter_state(model, metadata))
 
 
-def read_adapter_set(path: str | os.PathLike) -> AdapterSet:
+def read_adapter_file(path: str | os.PathLike) -> AdapterSet:
     """An adapter file as an AdapterSet; AdapterFileError if unreadable or not an rlrr file."""
     path = Path(path)
     if not path.is_file():
@@ -129,12 +124,6 @@ def read_adapter_set(path: str | os.PathLike) -> AdapterSet:
     state = AdapterSet(config, sites, adapter, trained, user)
     check_consistent(state, str(path))
     return state
-
-
-def read_adapter_file(path: str | os.PathLike) -> tuple[dict[str, Tensor], RLRRConfig, list[Site], dict]:
-    """Tensors (file keys), config, sites and caller metadata of an adapter file."""
-    state = read_adapter_set(path)
-    return _file_tensors(state), state.config, state.sites, state.metadata
 
 
 def check_consistent(state: AdapterSet, source: str) -> None:
@@ -191,7 +180,7 @@ def install(model: nn.Module, state: AdapterSet, source: str = "adapter") -> nn.
 
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load an adapter file into `model`; a base model is adapted with the stored sites first."""
-    return install(model, read_adapter_set(path), str(path))
+    return install(model, read_adapter_file(path), str(path))
 
 
 @torch.no_grad()

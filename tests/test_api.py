@@ -27,7 +27,6 @@ from torch.nn.utils import parametrize
 
 import rlrr
 from export import fold, fold_with_report
-from rlrr.state import read_adapter_file
 
 F64 = torch.float64
 TOL = {"rtol": 1e-10, "atol": 1e-10}
@@ -834,7 +833,7 @@ def test_save_then_load_into_a_fresh_model_reproduces_it(tmp_path, options):
     base, model = adapted_net(**options)
     path = rlrr.save_adapter(model, tmp_path / "a.safetensors", metadata={"epoch": 3})
     assert os.listdir(tmp_path) == ["a.safetensors"]  # atomic: no temp file left
-    assert read_adapter_file(path)[3] == {"epoch": 3}
+    assert rlrr.read_adapter_file(path).metadata == {"epoch": 3}
 
     fresh = copy.deepcopy(base)
     assert rlrr.load_adapter(fresh, path) is fresh
@@ -957,7 +956,7 @@ def test_save_overwrites_atomically(tmp_path):
     rlrr.save_adapter(first, path)
     rlrr.save_adapter(second, str(path))
     assert os.listdir(tmp_path) == ["a.safetensors"]
-    assert read_adapter_file(path)[1].rank == 2
+    assert rlrr.read_adapter_file(path).config.rank == 2
 
 
 def test_saved_file_gets_the_mode_the_umask_gives(tmp_path):
@@ -978,11 +977,11 @@ def test_save_without_adapters_raises(net, tmp_path):
 
 def test_saved_file_holds_only_adapters_and_head(tmp_path):
     _, model = adapted_net()
-    tensors, config, sites, _ = read_adapter_file(rlrr.save_adapter(model, tmp_path / "a.safetensors"))
-    assert [s.name for s in sites] == NET_SITES[:-1]
-    assert config == rlrr.RLRRConfig()
-    assert {k for k in tensors if k.startswith("trained.")} == {"trained.head.weight", "trained.head.bias"}
-    assert sum(v.numel() for k, v in tensors.items() if k.startswith("adapter.")) == adapter_numel(model)
+    stored = rlrr.read_adapter_file(rlrr.save_adapter(model, tmp_path / "a.safetensors"))
+    assert [s.name for s in stored.sites] == NET_SITES[:-1]
+    assert stored.config == rlrr.RLRRConfig()
+    assert set(stored.trained) == {"head.weight", "head.bias"}
+    assert sum(v.numel() for v in stored.tensors.values()) == adapter_numel(model)
 
 
 def test_save_onto_a_folder_fails_cleanly(tmp_path):

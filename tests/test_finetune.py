@@ -179,7 +179,7 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):
     with pytest.raises(Interrupt):
         finetune(vit_config(cut, **options), hook=stop_mid_epoch_2)
     assert [e for e, _ in ckpt.list_states(cut)] == [1]  # epoch 2 never completed: epoch 1 is the last checkpoint
-    rlrr.state.read_adapter_set(cut / "last.safetensors")  # intact
+    rlrr.read_adapter_file(cut / "last.safetensors")  # intact
     resumed = finetune(vit_config(cut, resume="auto", **options))
     a, b = load_file(tmp_path / "full" / "last.safetensors"), load_file(cut / "last.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -262,7 +262,7 @@ def test_output_files_and_metadata(vit_run):
     assert lines[0].startswith("epoch,step,lr,train_loss,train_acc") and len(lines) == 4
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["best"]["epoch"] == result.best_epoch and metrics["test"]["images"] == 12
-    meta = rlrr.state.read_adapter_set(out / "best.safetensors").metadata
+    meta = rlrr.read_adapter_file(out / "best.safetensors").metadata
     assert {k: meta[k] for k in ("preset", "model", "num_classes", "img_size", "tiny")} == {
         "preset": VIT, "model": VIT, "num_classes": 3, "img_size": 32, "tiny": True}
     assert meta["classes"] == ["class0", "class1", "class2"] and meta["placement"]["fused_chunks"] is True
@@ -321,7 +321,7 @@ def test_vtab_lists_and_a_cli_run(tmp_path, capsys):
     assert data.split_names == {"train": "train800val200.txt", "val": "test.txt"}
     out = tmp_path / "out"
     assert main(["--preset", VIT, "--tiny", "--data", str(root), "--epochs", "1", "--batch-size", "4", "--output", str(out), "--quiet"]) == 0
-    assert rlrr.state.read_adapter_set(out / "best.safetensors").metadata["finetune"]["val_split"] == "val200.txt"
+    assert rlrr.read_adapter_file(out / "best.safetensors").metadata["finetune"]["val_split"] == "val200.txt"
     assert main(["--resume", "--output", str(out), "--quiet"]) == 0  # the options come from the checkpoint
     assert main(["--resume", "--output", str(out), "--quiet", "--preset", RESNET]) == 2
     assert "preset: checkpoint 'vit_tiny_patch16_224', now 'resnet18'" in capsys.readouterr().err

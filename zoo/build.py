@@ -17,7 +17,6 @@ from torch import nn
 
 import rlrr
 from rlrr.errors import ConfigError
-from rlrr.state import read_adapter_file
 from zoo.errors import AdapterMetadataError, RandomWeightsWarning, WeightsFileError, user_stacklevel
 from zoo.presets import Preset, get_preset
 from zoo.weights import load_into, load_via_timm, read_state_dict
@@ -192,7 +191,8 @@ def from_adapter(path: str | os.PathLike, weights: str | os.PathLike | None = No
     `weights` is the base model's weight file; without it the base model is random (a warning
     names the file the adapter was trained on, if its metadata records one).
     """
-    _, config, _, user = read_adapter_file(path)
+    stored = rlrr.read_adapter_file(path)
+    config, user = stored.config, stored.metadata
     missing = [k for k in ("preset", "model", "num_classes", "img_size") if k not in user]
     if missing:
         raise AdapterMetadataError(f"{path} has no zoo metadata ({', '.join(missing)} missing; it has {sorted(user) or 'none'}). "

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
+import rlrr
 from rlrr.finetune.errors import CheckpointError
-from rlrr.state import atomic_write, capture, write_adapter_file
 
 FORMAT = "rlrr.finetune/1"
 STATE_DIR = "checkpoints"
@@ -94,12 +94,12 @@ def trainable_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_adapter_file(model: nn.Module, path: Path, metadata: dict) -> Path:
     """The adapter-only file (`rlrr.save_adapter` format) with the run's metadata, atomically."""
-    return write_adapter_file(path, capture(model, metadata))
+    return rlrr.write_adapter_file(path, rlrr.adapter_state(model, metadata))
 
 
 def save_state(path: Path, state: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write(path, lambda tmp: torch.save({"format": FORMAT, **state}, tmp))
+    return rlrr.atomic_write(path, lambda tmp: torch.save({"format": FORMAT, **state}, tmp))
 
 
 def prune(output: Path, keep: int, newest: int) -> None:
@@ -116,9 +116,9 @@ def write_metrics(output: Path, rows: list[dict], summary: dict) -> None:
         writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
-        atomic_write(output / METRICS_CSV, lambda tmp: tmp.write_text(buffer.getvalue()))
+        rlrr.atomic_write(output / METRICS_CSV, lambda tmp: tmp.write_text(buffer.getvalue()))
     text = json.dumps({**summary, "epochs": rows}, indent=2)
-    atomic_write(output / METRICS_JSON, lambda tmp: tmp.write_text(text + "\n"))
+    rlrr.atomic_write(output / METRICS_JSON, lambda tmp: tmp.write_text(text + "\n"))
 
 
 # --- reading ---------------------------------------------------------------------------------------

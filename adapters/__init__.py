@@ -1,19 +1,29 @@
-"""The RLRR math, one module per layer kind; each formula is written once (design.md §2)."""
+"""The RLRR math, one module per layer kind; each formula is written once (design.md §2).
 
-from adapters.base import ADAPTER_PREFIX, Adapter, BiasOf, Scaling, adapter_parameters
+This package knows tensors and formulas, nothing about models or where adapters are placed.
+"""
+
+from adapters.base import ADAPTER_PREFIX, INITS, Adapter, BiasOf, Scaling, adapter_parameters
+from adapters.combine import combine_concat, combine_weighted
 from adapters.conv import ConvRescale, flatten_kernel, unflatten_kernel
 from adapters.linear import LinearRescale, rescale, scale_matrix
-from adapters.norm import NormScaleShift
+from adapters.norm import ChannelScaleShift, NormScaleShift
+from adapters.recompute import RecomputedLinear
 
 __all__ = [
     "ADAPTER_PREFIX",
+    "INITS",
     "Adapter",
     "BiasOf",
+    "ChannelScaleShift",
     "ConvRescale",
     "LinearRescale",
     "NormScaleShift",
+    "RecomputedLinear",
     "Scaling",
     "adapter_parameters",
+    "combine_concat",
+    "combine_weighted",
     "flatten_kernel",
     "rescale",
     "scale_matrix",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -17,16 +18,43 @@ from torch import Tensor, nn
 #: Every parameter an adapter owns starts with this, so "adapter only" is a one-line filter.
 ADAPTER_PREFIX = "rlrr_"
 
+#: How adapters start: "paper" (the official kaiming-uniform scales, Table 10) or "identity" (ΔW = 0).
 INITS = ("paper", "identity")
+SIDES = ("both", "left", "right")
 
 
 @dataclass(frozen=True)
 class Scaling:
-    """How the weight is rescaled (the paper's ablations, Tables 6 and 11)."""
+    """How the weight is rescaled (the paper's ablations, Tables 6 and 11); checks itself on creation."""
 
     sides: str = "both"  # "both", "left" (input side only) or "right" (output side only)
     residual: bool = True  # keep the frozen W as a residual term (Eq. 16) or replace it
     lowrank: bool = False  # "w/o W" (Table 11): W' = W + S_right @ S_left, a LoRA-like baseline
+
+    def __post_init__(self) -> None:
+        if self.sides not in SIDES:
+            raise ValueError(f"scaling must be 'both', 'left' or 'right', got {self.sides!r}")
+        if self.lowrank and (self.sides != "both" or not self.residual):
+            raise ValueError("lowrank ('w/o W', Table 11) adds S_right @ S_left to W: it needs scaling='both' and residual=True")
+
+    def check_rank(self, rank: int) -> None:
+        """One-sided scaling is a single vector (Table 6): it needs rank 1."""
+        if self.sides != "both" and rank != 1:
+            raise ValueError(f"one-sided scaling ({self.sides!r}) is a single vector: rank must be 1, got {rank}")
+
+    def default_init(self) -> str:
+        """The init a variant starts from when none is given: the paper's for the paper's method.
+
+        The paper does not say how its ablations were initialised; with the paper's kaiming start,
+        "w/o W" and right-only scaling begin far from the base model (‖ΔW‖/‖W‖ ≈ 3.7 on a ViT-B fc1
+        for "w/o W"), so those two start at ΔW = 0.
+        """
+        return "identity" if self.lowrank or self.sides == "right" else "paper"
+
+
+def check_init(init: str) -> None:
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
 
 
 def _tracing() -> bool:
@@ -54,7 +82,11 @@ class Adapter(nn.Module):
     In-place writes through `.data` bypass version counters, as they do for autograd: don't.
     """
 
-    kind: str = ""
+    kind: ClassVar[str] = ""  # "linear", "conv", "norm" or "ssf"
+    #: Where this adapter sits and with which options: an `rlrr.Site` and `rlrr.RLRRConfig`, given
+    #: by whoever places the adapter (this package knows nothing about models).
+    site: Any = None
+    config: Any = None
 
     def __init__(self) -> None:
         super().__init__()
@@ -70,6 +102,16 @@ class Adapter(nn.Module):
     def adapts_bias(self) -> bool:
         """Whether this adapter changes the bias (a shift, or a norm's scale)."""
         raise NotImplementedError
+
+    @torch.no_grad()
+    def folded(self, original: Tensor, is_bias: bool) -> Tensor:
+        """Eq. 20 for one tensor: the adapted value computed in float32 (float64 stays) and cast back.
+
+        Forward and fold evaluate the same `effective_*` function, so a fold is exact up to the cast.
+        """
+        dtype = torch.float64 if original.dtype == torch.float64 else torch.float32
+        value = self.effective_bias(original, dtype) if is_bias else self.effective_weight(original, dtype)
+        return value.to(original.dtype)
 
     def forward(self, weight: Tensor) -> Tensor:
         return self.cached("weight", weight, self.effective_weight)

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from adapters.base import ADAPTER_PREFIX
 
-LEFT, RIGHT, SHIFT, SCALE = (ADAPTER_PREFIX + n for n in ("s_left", "s_right", "shift", "scale"))
+LEFT, RIGHT, SCALE = (ADAPTER_PREFIX + n for n in ("s_left", "s_right", "scale"))
 _RANK_AXIS = {LEFT: 1, RIGHT: 1}  # S_left (chunks, r, in), S_right (out, r)
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Size, Tensor, nn
 
-from adapters.base import ADAPTER_PREFIX, INITS, Adapter, Scaling
+from adapters.base import ADAPTER_PREFIX, Adapter, Scaling, check_init
 
 
 def scale_matrix(s_left: Tensor | None, s_right: Tensor | None, out_features: int, in_features: int) -> Tensor:
@@ -66,12 +66,8 @@ class LinearRescale(Adapter):
         out_features, in_features = self.matrix_shape(weight.shape)
         if rank < 1 or chunks < 1 or out_features % chunks:
             raise ValueError(f"bad rank {rank} or chunks {chunks} for a weight of matrix shape {(out_features, in_features)}")
-        if scaling.sides not in ("both", "left", "right"):
-            raise ValueError(f"scaling sides must be 'both', 'left' or 'right', not {scaling.sides!r}")
-        if scaling.sides != "both" and rank != 1:
-            raise ValueError("one-sided scaling is a vector: it needs rank 1")
-        if init not in INITS:
-            raise ValueError(f"init must be one of {INITS}, not {init!r}")
+        scaling.check_rank(rank)
+        check_init(init)
         self.out_features, self.in_features = out_features, in_features
         self.rank, self.chunks, self.scaling = rank, chunks, scaling
         factory = {"dtype": weight.dtype, "device": weight.device}
@@ -149,7 +145,6 @@ class LinearRescale(Adapter):
     def extra_repr(self) -> str:
         sides = self.scaling.sides + ("" if self.scaling.residual else ", no residual") + (", w/o W" if self.scaling.lowrank else "")
         return f"matrix=({self.out_features}, {self.in_features}), rank={self.rank}, chunks={self.chunks}, scaling={sides}, shift={self.adapts_bias}"
-
 
 
 __all__ = ["LinearRescale", "rescale", "scale_matrix"]

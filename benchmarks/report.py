@@ -19,7 +19,7 @@ NAMES = {
     "lora_r8": "PEFT LoRA r=8 (qkv/proj/fc1/fc2)",
     "ssf": "SSF (official form, on activations)",
     "rlrr_linears": "ablation: RLRR on LoRA's linears only",
-    "rlrr_parametrize": "ablation: RLRR, parametrize path (no fused Function)",
+    "rlrr_parametrize": "ablation: RLRR, parametrize path (no recompute Function)",
     "dense_floor": "yardstick: frozen model, backward dX only",
     "base": "base model",
     "rlrr_unmerged": "RLRR unmerged, eval (W' cached)",

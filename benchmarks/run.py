@@ -22,7 +22,7 @@ from benchmarks.report import write_reports
 
 RESULTS = Path(__file__).parent / "results"
 MAIN = ["full", "linear_probe", "rlrr", "lora_r8", "ssf"]
-ABLATIONS = ["rlrr_linears", "rlrr_parametrize"]  # like-for-like placement; without the fused Function
+ABLATIONS = ["rlrr_linears", "rlrr_parametrize"]  # like-for-like placement; without the recompute Function
 
 
 def plan(args: argparse.Namespace) -> list[dict]:

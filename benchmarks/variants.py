@@ -70,19 +70,11 @@ def rlrr_linears(model: nn.Module) -> nn.Module:
 
 
 def rlrr_parametrize(model: nn.Module) -> nn.Module:
-    """Ablation: the paper's placement through parametrize alone, without the fused Linear Function.
+    """Ablation: the paper's placement through parametrize alone, without the recompute path.
 
-    Removes the fused forward from the classes parametrize generated for this model's linears
-    (one class per module, so no other model is affected): W' is then built by the weight's
-    parametrization and kept alive by F.linear until backward.
+    W' is then built by the weight's parametrization and kept alive by F.linear until backward.
     """
-    from adapters.fused import linear_forward
-
-    rlrr_paper(model)
-    for m in model.modules():
-        if type(m).__dict__.get("forward") is linear_forward:
-            delattr(type(m), "forward")
-    return model
+    return rlrr.set_recompute(rlrr_paper(model), False)
 
 
 def lora(model: nn.Module, rank: int = 8) -> nn.Module:

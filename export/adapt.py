@@ -61,7 +61,8 @@ def random_adapter(model: nn.Module, *, seed: int = 0, rank: int = 1, targets=No
     for adapter in rlrr.adapters_of(model):
         if isinstance(adapter, NormScaleShift):
             adapter.rlrr_scale.copy_(1 + 0.1 * torch.randn(adapter.rlrr_scale.shape, generator=g))
-            adapter.rlrr_shift.copy_(0.1 * torch.randn(adapter.rlrr_shift.shape, generator=g))
+            if adapter.rlrr_shift is not None:  # a norm whose op reads no bias has no shift
+                adapter.rlrr_shift.copy_(0.1 * torch.randn(adapter.rlrr_shift.shape, generator=g))
         elif isinstance(adapter, LinearRescale) and adapter.rlrr_shift is not None:
             adapter.rlrr_shift.copy_(0.05 * torch.randn(adapter.rlrr_shift.shape, generator=g))
     if head:

@@ -7,7 +7,7 @@
     from export import fold; fold(model)      # Eq. 20: a plain model again
 """
 
-from rlrr.api import apply, plan
+from rlrr.api import Removed, apply, plan, remove_rewrite
 from rlrr.config import KINDS, RLRRConfig
 from rlrr.errors import (
     AdapterFileError,
@@ -23,7 +23,8 @@ from rlrr.errors import (
     UnknownAdapterError,
     UnknownTargetKindError,
 )
-from rlrr.inject import adapters_of
+from rlrr.rewrite import AdaptedTensor, adapted_tensors, adapters_of
+from rlrr.linear_forward import set_recompute
 from rlrr.multi import (
     active_adapters,
     add_adapter,
@@ -40,6 +41,10 @@ from rlrr.sites import Plan, Site, Skipped
 from rlrr.state import AdapterSet, adapter_state, atomic_write, load_adapter, read_adapter_file, save_adapter, write_adapter_file
 
 __all__ = [
+    "AdaptedTensor",
+    "Removed",
+    "adapted_tensors",
+    "remove_rewrite",
     "KINDS",
     "AdapterSet",
     "UnknownAdapterError",
@@ -77,4 +82,5 @@ __all__ = [
     "load_adapter",
     "plan",
     "save_adapter",
+    "set_recompute",
 ]

@@ -5,17 +5,19 @@ from __future__ import annotations
 import fnmatch
 import logging
 import warnings
-from collections.abc import Iterable
-from dataclasses import replace
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
 
 from torch import nn
-from torch.nn.utils import parametrize
 
+from rlrr.bank import forget_bank, holds_named_adapters
 from rlrr.config import RLRRConfig
 from rlrr.errors import AlreadyAdaptedError, ConfigError, InvalidRankError, NoMatchingTargetsError, TraceError
-from rlrr.inject import adapters_of, attach
+from rlrr.inject import attach
+from rlrr.rewrite import AdaptedTensor, adapters_of, is_rewritten, remove
 from rlrr.sites import BIAS_ABSENT, Plan, Site, Skipped, effective_chunks, rescale_class
 from rlrr.targets import Targets, select
+from rlrr.chunks import Chunks
 from rlrr.trace import discover
 
 logger = logging.getLogger("rlrr")
@@ -52,18 +54,17 @@ def _with_ssf(candidates: list[Site], selected: list[Site], ssf_sites: list[Site
     return [by_name[s.name] for s in candidates if s.name in by_name]
 
 
-def make_plan(model: nn.Module, targets: Targets, config: RLRRConfig, trainable: str | Iterable[str] = (), ssf: Targets = None) -> Plan:
-    """Everything `apply` decides, computed without touching the model."""
+def make_plan(model: nn.Module, targets: Targets, config: RLRRConfig, trainable: str | Iterable[str] = (), ssf: Targets = None,
+              chunks: Chunks = None) -> Plan:
+    """Everything `apply` decides, computed without touching the model (named adapters aside)."""
     if adapters_of(model):
         raise AlreadyAdaptedError(f"{type(model).__name__} already carries RLRR adapters; fold it (export.fold) or build a fresh model first")
-    if getattr(model.__dict__.get("_rlrr_adapter_bank"), "sets", None):
-        raise AlreadyAdaptedError(f"{type(model).__name__} holds named adapters (all inactive): add more with rlrr.add_adapter")
-    found = discover(model)
+    found = discover(model, chunks)
     if not found.sites:
         why = "; ".join(f"{n or '<model>'}: {w}" for n, w in found.not_analysed) or "it has no linear, conv or LayerNorm layer"
         raise TraceError(f"found nothing to adapt in {type(model).__name__}: {why}")
     trained = resolve_trainable(model, trainable)
-    foreign = [s for s in found.sites if parametrize.is_parametrized(model.get_submodule(s.module), s.weight)]
+    foreign = [s for s in found.sites if is_rewritten(model.get_submodule(s.module), s.weight)]
     candidates = [s for s in found.sites if not _under(s.module, trained) and s not in foreign]
     try:
         selected = select(candidates, targets, model)
@@ -87,50 +88,33 @@ def make_plan(model: nn.Module, targets: Targets, config: RLRRConfig, trainable:
     return Plan(config, selected, skipped, list(found.not_analysed), trained, _count(model.parameters()), trained_params)
 
 
-def plan(
-    model: nn.Module,
-    targets: Targets = None,
-    *,
-    rank: int = 1,
-    scaling: str = "both",
-    residual: bool = True,
-    lowrank: bool = False,
-    init: str = "paper",
-    fused_chunks: bool = True,
-    shift: bool = True,
-    trainable: str | Iterable[str] = (),
-    ssf: Targets = None,
-) -> Plan:
+def _refuse_named(model: nn.Module) -> None:
+    if holds_named_adapters(model):
+        raise AlreadyAdaptedError(f"{type(model).__name__} holds named adapters (all inactive): add more with rlrr.add_adapter")
+
+
+def plan(model: nn.Module, targets: Targets = None, *, config: RLRRConfig | None = None, trainable: str | Iterable[str] = (),
+         ssf: Targets = None, chunks: Chunks = None, **options) -> Plan:
     """The dry run of `apply`: the sites it would adapt and the ops it would skip. Changes nothing."""
-    config = RLRRConfig(rank, scaling, residual, lowrank, init, fused_chunks, shift)
-    return make_plan(model, targets, config, trainable, ssf)
+    _refuse_named(model)
+    return make_plan(model, targets, RLRRConfig.resolve(config, options), trainable, ssf, chunks)
 
 
-def apply(
-    model: nn.Module,
-    targets: Targets = None,
-    *,
-    rank: int = 1,
-    scaling: str = "both",
-    residual: bool = True,
-    lowrank: bool = False,
-    init: str = "paper",
-    fused_chunks: bool = True,
-    shift: bool = True,
-    trainable: str | Iterable[str] = (),
-    ssf: Targets = None,
-) -> nn.Module:
+def apply(model: nn.Module, targets: Targets = None, *, config: RLRRConfig | None = None, trainable: str | Iterable[str] = (),
+          ssf: Targets = None, chunks: Chunks = None, **options) -> nn.Module:
     """Rewrite every selected linear, conv and LayerNorm of `model` into RLRR form, in place.
 
-    Freezes every base parameter; adapter parameters and the `trainable` modules (the paper
-    trains the classifier head) require grad. Returns the same model object. The options are
-    `RLRRConfig`'s fields; `targets` is described in `rlrr.targets`. Linear/conv sites chosen by
-    `ssf` (same forms as `targets`) get an SSF scale and shift of their output channels instead
-    of RLRR, as the official code does after the patch embedding. On any error the model is left
-    as it was.
+    `config` says how (an `RLRRConfig`; its fields may instead be given as keyword options,
+    `rlrr.apply(model, rank=4)`, never both). `targets` says where (`rlrr.targets`). Freezes every
+    base parameter; adapter parameters and the `trainable` modules (the paper trains the
+    classifier head) require grad. Linear/conv sites chosen by `ssf` (same forms as `targets`)
+    get an SSF scale and shift of their output channels instead of RLRR, as the official code
+    does after the patch embedding. `chunks` ({glob on site name: count}) says how many
+    projections a fused layer holds where the graph shows otherwise. Returns the same model
+    object; on any error the model is left as it was.
     """
-    config = RLRRConfig(rank, scaling, residual, lowrank, init, fused_chunks, shift)
-    return apply_plan(model, make_plan(model, targets, config, trainable, ssf))
+    _refuse_named(model)
+    return apply_plan(model, make_plan(model, targets, RLRRConfig.resolve(config, options), trainable, ssf, chunks))
 
 
 def apply_plan(model: nn.Module, the_plan: Plan) -> nn.Module:
@@ -141,3 +125,26 @@ def apply_plan(model: nn.Module, the_plan: Plan) -> nn.Module:
     attach(model, the_plan.sites, the_plan.config, the_plan.trainable)
     logger.info("RLRR applied to %s:\n%s", type(model).__name__, the_plan.table())
     return model
+
+
+@dataclass
+class Removed:
+    """What `remove_rewrite` took out of a model."""
+
+    created: list[str] = field(default_factory=list)  # tensors `apply` created, kept as parameters by a fold
+    live: tuple[str, ...] = ()  # the named adapters that were live
+    dropped: list[str] = field(default_factory=list)  # named adapters that were waiting, now forgotten
+
+
+def remove_rewrite(model: nn.Module, write: Callable[[AdaptedTensor], None] | None = None) -> Removed:
+    """Take RLRR out of `model` for good, in place: the inverse of `apply`; named adapters are forgotten.
+
+    With `write` (what `export.fold` passes), `write(t)` first writes each adapted tensor's new
+    value into `t.original` in place (see `adapted_tensors`), and tensors `apply` created stay as
+    frozen parameters. Without it the model computes its base function again, as before `apply`.
+    """
+    created = remove(model, write)
+    bank = forget_bank(model)
+    if bank is None:
+        return Removed(created)
+    return Removed(created, bank.active, [n for n in bank.sets if n not in bank.active])

@@ -12,40 +12,36 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from adapters.combine import combine_concat, combine_weighted
-from rlrr.api import apply
+from adapters import combine_concat, combine_weighted
+from rlrr.api import apply_plan, make_plan
+from rlrr.bank import Bank, find_bank, set_bank
+from rlrr.config import RLRRConfig
 from rlrr.errors import AdapterMismatchError, ConfigError, UnknownAdapterError
-from rlrr.inject import adapters_of, detach
+from rlrr.inject import detach
+from rlrr.rewrite import adapters_of
 from rlrr.state import AdapterSet, adapter_state, install, read_adapter_file, write_adapter_file
 
-BANK = "_rlrr_adapter_bank"
 DEFAULT = "default"
 METHODS = ("linear", "concat")
 
 
-@dataclass
-class _Bank:
-    sets: dict[str, AdapterSet] = field(default_factory=dict)
-    active: tuple[str, ...] = ()
-
-
-def _bank(model: nn.Module) -> _Bank:
-    bank = model.__dict__.get(BANK)
+def _bank(model: nn.Module) -> Bank:
+    bank = find_bank(model)
     if bank is None:
-        bank = _Bank()
+        bank = Bank()
         if adapters_of(model):
             bank.sets[DEFAULT], bank.active = adapter_state(model), (DEFAULT,)
-        model.__dict__[BANK] = bank
+        set_bank(model, bank)
     return bank
 
 
-def _sync(model: nn.Module, bank: _Bank) -> None:
+def _sync(model: nn.Module, bank: Bank) -> None:
     """The single active adapter trains in the model: take its current state into the bank."""
     if len(bank.active) == 1 and adapters_of(model):
         name = bank.active[0]
@@ -54,7 +50,7 @@ def _sync(model: nn.Module, bank: _Bank) -> None:
         bank.sets[name] = state
 
 
-def _known(bank: _Bank, names: Iterable[str]) -> list[str]:
+def _known(bank: Bank, names: Iterable[str]) -> list[str]:
     names = list(names)
     unknown = [n for n in names if n not in bank.sets]
     if unknown:
@@ -62,7 +58,7 @@ def _known(bank: _Bank, names: Iterable[str]) -> list[str]:
     return names
 
 
-def _go_live(model: nn.Module, bank: _Bank, state: AdapterSet | None, names: tuple[str, ...]) -> None:
+def _go_live(model: nn.Module, bank: Bank, state: AdapterSet | None, names: tuple[str, ...]) -> None:
     """Replace the live adapter by `state` (None: no adapter), undoing on failure."""
     _sync(model, bank)
     previous = bank.sets.get(bank.active[0]) if len(bank.active) == 1 else None
@@ -98,8 +94,9 @@ def get_adapter(model: nn.Module, name: str) -> AdapterSet:
     return bank.sets[_known(bank, [name])[0]]
 
 
-def add_adapter(model: nn.Module, name: str, targets=None, *, path: str | os.PathLike | None = None, **options) -> nn.Module:
-    """Add a named adapter, not active: fresh (`targets` and `apply`'s options) or from a file.
+def add_adapter(model: nn.Module, name: str, targets=None, *, path: str | os.PathLike | None = None,
+                config: RLRRConfig | None = None, trainable=(), ssf=None, chunks=None, **options) -> nn.Module:
+    """Add a named adapter, not active: fresh (`targets` and `apply`'s arguments) or from a file.
 
     A model without a live adapter makes the new one active, as `apply` would.
     """
@@ -109,15 +106,14 @@ def add_adapter(model: nn.Module, name: str, targets=None, *, path: str | os.Pat
     if path is not None:
         state = read_adapter_file(path)
     else:
+        config = RLRRConfig.resolve(config, options)
         active = bank.active
         _go_live(model, bank, None, ())
-        sets, bank.sets = bank.sets, {}  # apply refuses a model with named adapters
         try:
-            apply(model, targets, **options)
+            apply_plan(model, make_plan(model, targets, config, trainable, ssf, chunks))
             state = adapter_state(model)
             state.trained = {k: v.detach().clone() for k, v in state.trained.items()}
         finally:
-            bank.sets = sets
             detach(model)
             bank.active = ()
             if len(active) == 1:

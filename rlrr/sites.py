@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from adapters import ConvRescale, LinearRescale
+from adapters import ChannelScaleShift, ConvRescale, LinearRescale, NormScaleShift
 from rlrr.config import RLRRConfig
 
 # A site's bias: read by its op, absent but addable (a torch.nn layer's None bias), or absent.
@@ -27,6 +27,8 @@ class Site:
     found_by: str = "trace"  # "trace", or "type" inside a part fx could not trace
     weight_missing: bool = False  # a norm without affine parameters: γ = 1 is created
     method: str = "rlrr"  # "rlrr", or "ssf": a scale and shift of the layer's output channels
+    chunks_from: str = ""  # how `chunks` was decided: "graph", "module type", "name", "user" ("" for 1, nothing seen)
+    bias_note: str = ""  # why a site without a bias cannot get one (BIAS_ABSENT)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -49,17 +51,27 @@ def effective_chunks(site: Site, config: RLRRConfig) -> int:
     return site.chunks if config.fused_chunks else 1
 
 
-def shifts(site: Site, config: RLRRConfig) -> bool:
-    """Whether a linear/conv site gets the bias shift f (Eq. 16).
+def shift_rule(site: Site, config: RLRRConfig) -> tuple[bool, str]:
+    """Whether a site gets its shift (f of Eq. 16, t of a norm or SSF), and if not, why.
 
-    Bias-free convs get none (the official ResNet code, Table 12's counts); a bias-free torch.nn
-    linear gets one, which becomes its bias at fold time.
+    The rule, written once: a shift goes into the bias the op reads, or into one `apply` creates
+    where the op's module has an empty bias slot; bias-free convs get none (the official ResNet
+    code, Table 12's counts). The reason is "" when the user turned shifts off (`shift=False`).
     """
-    if not config.shift or site.kind == "norm":
-        return False
+    if site.kind != "norm" and site.method == "rlrr" and not config.shift:
+        return False, ""
     if site.bias_state == BIAS_PRESENT:
-        return True
-    return site.bias_state == BIAS_CREATABLE and site.kind == "linear"
+        return True, ""
+    if site.kind == "conv" and site.method == "rlrr":
+        return False, "bias-free conv (App. G: Table 12's budgets count no shift there)"
+    if site.bias_state == BIAS_CREATABLE:
+        return True, ""
+    return False, site.bias_note or "its op reads no bias and its module has no bias slot"
+
+
+def shifts(site: Site, config: RLRRConfig) -> bool:
+    """Whether a site gets a shift (see `shift_rule`)."""
+    return shift_rule(site, config)[0]
 
 
 def rescale_class(kind: str) -> type[LinearRescale]:
@@ -69,12 +81,9 @@ def rescale_class(kind: str) -> type[LinearRescale]:
 def site_parameters(site: Site, config: RLRRConfig) -> int:
     """How many adapter parameters `apply` gives this site."""
     if site.kind == "norm":
-        numel = 1
-        for n in site.shape:
-            numel *= n
-        return 2 * numel
+        return NormScaleShift.count_parameters(site.shape, shift=shifts(site, config))
     if site.method == "ssf":
-        return 2 * site.shape[0]
+        return ChannelScaleShift.count_parameters(site.shape, shift=shifts(site, config))
     return rescale_class(site.kind).count_parameters(
         site.shape, rank=config.rank, chunks=effective_chunks(site, config), scaling=config.weight_scaling, shift=shifts(site, config)
     )
@@ -96,6 +105,11 @@ class Plan:
     def adapter_parameters(self) -> int:
         return sum(site_parameters(s, self.config) for s in self.sites)
 
+    @property
+    def dropped_shifts(self) -> list[tuple[str, str]]:
+        """(site, why) for every selected site that gets no shift although shifts are on."""
+        return [(s.name, why) for s in self.sites for gets, why in [shift_rule(s, self.config)] if not gets and why]
+
     def counts(self) -> dict[str, int]:
         """Sites per kind."""
         out = {"linear": 0, "conv": 0, "norm": 0}
@@ -107,10 +121,18 @@ class Plan:
         """A readable table of sites, skipped ops and totals."""
         rows = [("site", "kind", "op", "shape", "chunks", "params")]
         for s in self.sites:
-            rows.append((s.name, s.kind if s.method == "rlrr" else f"{s.kind} (ssf)", s.op, "x".join(map(str, s.shape)), str(effective_chunks(s, self.config)), f"{site_parameters(s, self.config):,}"))
+            chunks = effective_chunks(s, self.config)
+            rows.append((s.name, s.kind if s.method == "rlrr" else f"{s.kind} (ssf)", s.op, "x".join(map(str, s.shape)),
+                         f"{chunks} ({s.chunks_from})" if s.chunks_from and chunks > 1 else str(chunks), f"{site_parameters(s, self.config):,}"))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
+        dropped = self.dropped_shifts
+        if dropped:
+            lines += ["", f"no shift ({len(dropped)} sites):"]
+            for why in dict.fromkeys(w for _, w in dropped):
+                names = [n for n, w in dropped if w == why]
+                lines.append(f"  {why}: {', '.join(names[:4])}{f' and {len(names) - 4} more' if len(names) > 4 else ''}")
         if self.skipped:
             lines += ["", f"skipped ({len(self.skipped)}):"]
             lines += [f"  {k.name}  [{k.op}]  {k.reason}" for k in self.skipped]

@@ -19,7 +19,8 @@ from torch import Tensor, nn
 
 from rlrr.config import RLRRConfig
 from rlrr.errors import AdapterFileError, AdapterMismatchError, ConfigError, NotAdaptedError
-from rlrr.inject import adapters_of, attach, build_adapter
+from rlrr.inject import attach, build_adapter
+from rlrr.rewrite import adapters_of
 from rlrr.sites import Site
 from rlrr.trace import discover
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import torch.nn.functional as F
 from torch import fx, nn
 
+from rlrr.chunks import Chunks, check_user_chunks, chunks_in_graph, named_chunks, opaque_consumer, user_chunks
+from rlrr.errors import ConfigError
 from rlrr.sites import BIAS_ABSENT, BIAS_CREATABLE, BIAS_PRESENT, Site, Skipped
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -24,8 +26,7 @@ _FUNCTION_NAMES = {F.linear: "F.linear", F.conv1d: "F.conv1d", F.conv2d: "F.conv
 _ARG_POSITIONS = {"linear": (1, 2), "conv": (1, 2), "norm": (2, 3)}
 # Methods that only change dtype, device or memory layout: the weight stays "a parameter read".
 _CAST_METHODS = {"to", "type", "float", "double", "half", "bfloat16", "contiguous"}
-# Fused projections whose output rows are chunks of separate projections (q, k, v).
-_FUSED_CHUNKS = {"qkv": 3, "in_proj": 3, "to_qkv": 3, "qkv_proj": 3, "c_attn": 3, "kv": 2, "to_kv": 2}
+_SHARED_BIAS = "q, k and v share one in_proj_bias: no per-projection bias to shift"
 
 
 @dataclass
@@ -35,6 +36,7 @@ class Discovery:
     sites: list[Site] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     not_analysed: list[tuple[str, str]] = field(default_factory=list)
+    user_chunks: dict[str, int] = field(default_factory=dict)  # the `chunks=` override, {glob: count}
     _seen: set[int] = field(default_factory=set)  # ids of weights already a site: one adapter per parameter
 
     def add(self, site: Site, weight: nn.Parameter | None) -> None:
@@ -62,11 +64,17 @@ def make_tracer() -> fx.Tracer:
     return TimmAwareTracer(autowrap_functions=tuple(get_notrace_functions()))
 
 
-def discover(model: nn.Module) -> Discovery:
-    """All sites of `model`; never raises for an untraceable model (see `Discovery.not_analysed`)."""
-    found = Discovery()
+def discover(model: nn.Module, chunks: Chunks = None) -> Discovery:
+    """All sites of `model`; never raises for an untraceable model (see `Discovery.not_analysed`).
+
+    `chunks` ({glob on site name: count}) overrides how many projections a linear site holds.
+    """
+    found = Discovery(user_chunks=check_user_chunks(chunks))
     _analyse(model, "", found)
     _report_unused_layers(model, found)
+    unused = [g for g in found.user_chunks if not any(user_chunks({g: 1}, s.name) for s in found.sites if s.kind == "linear")]
+    if unused:
+        raise ConfigError(f"chunks: {unused} match no linear site; sites are named like {[s.name for s in found.sites[:3]]}")
     return found
 
 
@@ -80,9 +88,27 @@ def _site_name(module_path: str, attr: str) -> str:
     return _join(module_path, re.sub(r"_weight$", "", attr))
 
 
-def _chunks(site_name: str, out_features: int) -> int:
-    chunks = _FUSED_CHUNKS.get(site_name.rsplit(".", 1)[-1], 1)
-    return chunks if out_features % chunks == 0 else 1
+def _chunks(found: Discovery, name: str, features: int, out: fx.Node | None, root: nn.Module | None = None, by_type: int = 1) -> tuple[int, str]:
+    """(chunks, how decided) for a linear site: the user's word, the module type, the graph, else the name."""
+    given = user_chunks(found.user_chunks, name)
+    if given is not None:
+        if features % given:
+            raise ConfigError(f"chunks: {name} has {features} output features, which {given} chunks do not divide")
+        return given, "user"
+    if by_type > 1:
+        return by_type, "module type"
+    if out is not None and root is not None:
+        seen = chunks_in_graph(out, features, root)
+        if seen > 1 or not opaque_consumer(out, root):
+            return seen, "graph" if seen > 1 else ""
+    named = named_chunks(name, features)
+    return named, "name" if named > 1 else ""
+
+
+def _bias_slot(owner: nn.Module, weight_attr: str) -> str | None:
+    """The empty bias slot beside a weight (`bias` for `weight`, `in_proj_bias` for `in_proj_weight`), if any."""
+    attr = weight_attr[: -len("weight")] + "bias" if weight_attr.endswith("weight") else None
+    return attr if attr is not None and attr in owner._parameters and owner._parameters[attr] is None else None
 
 
 def _is_torch_nn(m: nn.Module) -> bool:
@@ -107,7 +133,8 @@ def _search_by_type(module: nn.Module, prefix: str, found: Discovery) -> None:
             _analyse(child, path, found)
 
 
-def _add_module_site(m: nn.Module, path: str, found: Discovery, found_by: str = "trace") -> bool:
+def _add_module_site(m: nn.Module, path: str, found: Discovery, found_by: str = "trace", out: fx.Node | None = None,
+                     root: nn.Module | None = None) -> bool:
     """Sites of a torch.nn layer; False if it is not one we know.
 
     A subclass defined elsewhere (timm's Conv2dSame) counts only when found by type or owner:
@@ -121,8 +148,9 @@ def _add_module_site(m: nn.Module, path: str, found: Discovery, found_by: str = 
     if isinstance(m, (nn.Linear, *_CONVS)):
         kind = "linear" if isinstance(m, nn.Linear) else "conv"
         bias = BIAS_PRESENT if m.bias is not None else BIAS_CREATABLE
+        chunks, chunks_from = _chunks(found, path, m.weight.shape[0], out, root) if kind == "linear" else (1, "")
         site = Site(_site_name(path, "weight"), kind, path, "weight", "bias", bias, tuple(m.weight.shape),
-                    f"nn.{type(m).__name__}", _chunks(path, m.weight.shape[0]) if kind == "linear" else 1, found_by)
+                    f"nn.{type(m).__name__}", chunks, found_by, chunks_from=chunks_from)
         found.add(site, m.weight)
         return True
     if isinstance(m, nn.LayerNorm):
@@ -137,19 +165,22 @@ def _add_module_site(m: nn.Module, path: str, found: Discovery, found_by: str = 
 def _add_attention_sites(m: nn.MultiheadAttention, path: str, found: Discovery, found_by: str) -> None:
     """nn.MultiheadAttention reads its projections as tensors, not through module calls."""
     op = "nn.MultiheadAttention"
+    # reason: its forward reads the projections (and their biases) as attributes at call time, so a
+    # bias created in an empty slot is read; in_proj_weight holds q, k and v by definition.
     if m._qkv_same_embed_dim:
-        bias = BIAS_PRESENT if m.in_proj_bias is not None else BIAS_ABSENT
+        bias = BIAS_PRESENT if m.in_proj_bias is not None else BIAS_CREATABLE
         name = _site_name(path, "in_proj_weight")
+        chunks, chunks_from = _chunks(found, name, m.in_proj_weight.shape[0], None, by_type=3)
         found.add(Site(name, "linear", path, "in_proj_weight", "in_proj_bias", bias, tuple(m.in_proj_weight.shape), op,
-                       _chunks(name, m.in_proj_weight.shape[0]), found_by), m.in_proj_weight)
+                       chunks, found_by, chunks_from=chunks_from), m.in_proj_weight)
     else:
         for attr in ("q_proj_weight", "k_proj_weight", "v_proj_weight"):
             weight = getattr(m, attr)
-            # reason: q, k and v share one in_proj_bias, so a per-projection shift has no bias of its own
-            found.add(Site(_site_name(path, attr), "linear", path, attr, None, BIAS_ABSENT, tuple(weight.shape), op, 1, found_by), weight)
+            found.add(Site(_site_name(path, attr), "linear", path, attr, None, BIAS_ABSENT, tuple(weight.shape), op, 1, found_by,
+                           bias_note=_SHARED_BIAS), weight)
     out = m.out_proj
     out_path = _join(path, "out_proj")
-    bias = BIAS_PRESENT if out.bias is not None else BIAS_ABSENT
+    bias = BIAS_PRESENT if out.bias is not None else BIAS_CREATABLE
     found.add(Site(_site_name(out_path, "weight"), "linear", out_path, "weight", "bias", bias, tuple(out.weight.shape), op, 1, found_by), out.weight)
 
 
@@ -158,7 +189,7 @@ def _scan_graph(graph: fx.Graph, root: nn.Module, prefix: str, found: Discovery)
         if node.op == "call_module":
             sub = root.get_submodule(node.target)
             path = _join(prefix, node.target)
-            if not _add_module_site(sub, path, found) and any(True for _ in sub.parameters()):
+            if not _add_module_site(sub, path, found, out=node, root=root) and any(True for _ in sub.parameters()):
                 if _is_torch_nn(sub) and not any(True for _ in sub.children()):
                     continue  # a parameter-holding torch.nn layer of another kind: reported as unused
                 _analyse(sub, path, found)
@@ -204,17 +235,21 @@ def _add_function_site(node: fx.Node, root: nn.Module, prefix: str, found: Disco
         return
     fqn, param = weight
     module_path, _, attr = _join(prefix, fqn).rpartition(".")
-    bias = _parameter_read(args[1], root)
-    bias_attr = bias[0].rpartition(".")[2] if bias is not None else None
-    if bias is not None and _join(prefix, bias[0]).rpartition(".")[0] != module_path:
-        bias, bias_attr = None, None  # reason: a bias owned by another module is left alone
-    if kind == "norm" and bias is None:
-        found.skipped.append(Skipped(_site_name(module_path, attr), op, "norm without a bias parameter in a functional call"))
-        return
     name = _site_name(module_path, attr)
-    chunks = _chunks(name, param.shape[0]) if kind == "linear" else 1
-    shape = tuple(param.shape)
-    found.add(Site(name, kind, module_path, attr, bias_attr, BIAS_PRESENT if bias else BIAS_ABSENT, shape, op, chunks), param)
+    bias = _parameter_read(args[1], root)
+    if bias is not None and _join(prefix, bias[0]).rpartition(".")[0] == module_path:
+        bias_attr, state, note = bias[0].rpartition(".")[2], BIAS_PRESENT, ""
+    elif bias is not None:
+        bias_attr, state, note = None, BIAS_ABSENT, "its bias belongs to another module"
+    elif args[1] is None and (slot := _bias_slot(root.get_submodule(fqn.rpartition(".")[0]), attr)):
+        # reason: the op got None where its module has an empty bias slot, as nn.LayerNorm.forward
+        # passes `self.bias` (timm's LayerNormNoBias): a bias created in that slot is what it reads.
+        bias_attr, state, note = slot, BIAS_CREATABLE, ""
+    else:
+        why = "its bias is computed by the model, not a parameter read" if args[1] is not None else "its op reads no bias and its module has no bias slot"
+        bias_attr, state, note = None, BIAS_ABSENT, why
+    chunks, chunks_from = _chunks(found, name, param.shape[0], node, root) if kind == "linear" else (1, "")
+    found.add(Site(name, kind, module_path, attr, bias_attr, state, tuple(param.shape), op, chunks, chunks_from=chunks_from, bias_note=note), param)
 
 
 def _add_owned_weights(node: fx.Node, root: nn.Module, prefix: str, found: Discovery) -> None:

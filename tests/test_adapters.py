@@ -884,9 +884,9 @@ def test_deepcopy_keeps_the_bias_bound_to_the_copied_adapter() -> None:
         (lambda: LinearRescale(torch.zeros(4, 3), chunks=3), "chunks"),
         (lambda: LinearRescale(torch.zeros(4, 3), chunks=0), "chunks"),
         (lambda: ConvRescale(torch.zeros(3, 3, 1, 2), chunks=2), "chunks"),  # rows O·kh = 3
-        (lambda: LinearRescale(torch.zeros(4, 3), rank=2, scaling=Scaling(sides="left")), "rank 1"),
-        (lambda: LinearRescale(torch.zeros(4, 3), rank=2, scaling=Scaling(sides="right")), "rank 1"),
-        (lambda: LinearRescale(torch.zeros(4, 3), scaling=Scaling(sides="top")), "sides"),
+        (lambda: LinearRescale(torch.zeros(4, 3), rank=2, scaling=Scaling(sides="left")), "rank must be 1"),
+        (lambda: LinearRescale(torch.zeros(4, 3), rank=2, scaling=Scaling(sides="right")), "rank must be 1"),
+        (lambda: LinearRescale(torch.zeros(4, 3), scaling=Scaling(sides="top")), "scaling must be"),
         (lambda: LinearRescale(torch.zeros(4, 3), init="zeros"), "init"),
         (lambda: ConvRescale(torch.zeros(4, 3, 2, 2), init="kaiming"), "init"),
         (lambda: NormScaleShift(torch.ones(4), init="ones"), "init"),

@@ -1058,7 +1058,8 @@ class Counted(nn.Module):
         self.ln = nn.LayerNorm(6)
 
     def forward(self, x, img):
-        return self.ln(self.lin(x)), self.qkv(x), self.conv(img)
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return self.ln(self.lin(x)), q, k, v, self.conv(img)
 
 
 def expected_counts(r: int, fused: bool = True) -> dict[str, int]:

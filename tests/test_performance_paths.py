@@ -1,6 +1,6 @@
 """Correctness of the two speed paths (never their speed: that is benchmarks/).
 
-1. The fused training path of an adapted `nn.Linear` (adapters/fused.py): a custom autograd
+1. The recompute training path of an adapted `nn.Linear` (adapters/recompute.py): a custom autograd
    Function that recomputes W' in backward. Its gradients are checked with `gradcheck` in float64
    for every weight-scaling variant, and a whole adapted model is checked against the same model
    without the fused forward (parametrize alone): same outputs, same gradients.
@@ -25,7 +25,8 @@ from torch.nn.utils import parametrize
 
 import rlrr
 from adapters import Adapter, LinearRescale, Scaling
-from adapters.fused import RescaledLinear, fusable, linear_forward
+from adapters import RecomputedLinear
+from rlrr.linear_forward import linear_forward, takes_linear_forward
 from export import fold
 
 F64 = torch.float64
@@ -44,7 +45,8 @@ class Block(nn.Module):
         self.fc2 = nn.Linear(2 * d, d)
 
     def forward(self, x):
-        return x + self.fc2(F.gelu(self.fc1(self.qkv(self.norm(x)))))
+        q, k, v = self.qkv(self.norm(x)).chunk(3, dim=-1)
+        return x + self.fc2(F.gelu(self.fc1(torch.cat([q, k * v, v], dim=-1))))
 
 
 def block(seed: int = 0, **options) -> nn.Module:
@@ -67,18 +69,15 @@ def randomise(model: nn.Module, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.5 + (1.0 if name == "rlrr_scale" else 0.0))
 
 
-def unfuse(model: nn.Module) -> nn.Module:
-    """Remove the fused forward (each parametrized module has its own class: only this model changes)."""
-    for m in model.modules():
-        if type(m).__dict__.get("forward") is linear_forward:
-            delattr(type(m), "forward")
-    return model
+def without_recompute(model: nn.Module) -> nn.Module:
+    """The plain parametrize path (each parametrized module has its own class: only this model changes)."""
+    return rlrr.set_recompute(model, False)
 
 
 def count_fused_calls(monkeypatch) -> list:
     calls: list = []
-    original = RescaledLinear.apply
-    monkeypatch.setattr(RescaledLinear, "apply", lambda *a: calls.append(1) or original(*a))
+    original = RecomputedLinear.apply
+    monkeypatch.setattr(RecomputedLinear, "apply", lambda *a: calls.append(1) or original(*a))
     return calls
 
 
@@ -111,7 +110,7 @@ def test_fused_function_gradcheck(scaling: Scaling, rank: int, chunks: int, bias
     inputs = (x, *params) + ((b,) if bias == "plain" else ())
 
     def fn(x, *rest):  # gradcheck perturbs the adapter's own parameters, in place
-        return RescaledLinear.apply(x, weight, b, adapter, bias == "adapted", *params)
+        return RecomputedLinear.apply(x, weight, b, adapter, bias == "adapted", *params)
 
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-8)
     with torch.no_grad():  # and the forward is the parametrization's formula
@@ -131,7 +130,7 @@ def test_fused_function_double_backward(scaling: Scaling, rank: int, chunks: int
     bias = nn.Parameter(torch.randn(6, generator=g, dtype=F64), requires_grad=False)
     params = list(adapter.parameters())
     x = torch.randn(3, 4, generator=g, dtype=F64, requires_grad=True)
-    assert torch.autograd.gradgradcheck(lambda x, *ps: RescaledLinear.apply(x, weight, bias, adapter, True, *params), (x, *params), eps=1e-6, atol=1e-7)
+    assert torch.autograd.gradgradcheck(lambda x, *ps: RecomputedLinear.apply(x, weight, bias, adapter, True, *params), (x, *params), eps=1e-6, atol=1e-7)
 
 
 def test_fused_function_gradient_of_an_unfrozen_base_weight() -> None:
@@ -140,7 +139,7 @@ def test_fused_function_gradient_of_an_unfrozen_base_weight() -> None:
     adapter = LinearRescale(weight, chunks=3)
     params = list(adapter.parameters())
     x = torch.randn(5, 4, generator=g, dtype=F64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, w, *ps: RescaledLinear.apply(x, w, None, adapter, False, *params), (x, weight, *params), eps=1e-6, atol=1e-8)
+    assert torch.autograd.gradcheck(lambda x, w, *ps: RecomputedLinear.apply(x, w, None, adapter, False, *params), (x, weight, *params), eps=1e-6, atol=1e-8)
 
 
 def test_apply_installs_the_fused_forward_on_plain_linears_only() -> None:
@@ -152,7 +151,7 @@ def test_apply_installs_the_fused_forward_on_plain_linears_only() -> None:
     rlrr.apply(model)
     assert type(model[0]).forward is linear_forward
     assert type(model[1]).forward is Custom.forward  # a subclass with its own forward keeps it
-    assert not fusable(model[2])
+    assert not takes_linear_forward(model[2])
     fold(model)
     assert type(model[0]) is nn.Linear and type(model[1]) is Custom  # fold restores the classes
 
@@ -160,7 +159,7 @@ def test_apply_installs_the_fused_forward_on_plain_linears_only() -> None:
 @pytest.mark.parametrize("options", [{}, {"rank": 2}, {"shift": False}, {"fused_chunks": False}, {"scaling": "left"}, {"lowrank": True}],
                          ids=["default", "rank2", "noshift", "unchunked", "left", "lowrank"])
 def test_fused_model_equals_parametrize_path(options, monkeypatch) -> None:
-    fused, plain = block(**options), unfuse(block(**options))
+    fused, plain = block(**options), without_recompute(block(**options))
     x = x_input()
     calls = count_fused_calls(monkeypatch)
     y_fused = fused(x)
@@ -202,7 +201,7 @@ def test_fused_training_under_torch_compile_matches_eager() -> None:
 
 
 def test_autocast_takes_the_parametrize_path(monkeypatch) -> None:
-    fused, plain = block(), unfuse(block())
+    fused, plain = block(), without_recompute(block())
     fused.float(), plain.float()
     x = x_input().float()
     calls = count_fused_calls(monkeypatch)
@@ -251,7 +250,7 @@ def test_vit_tiny_fused_equals_parametrize_path_in_float32() -> None:
         randomise(model, 1)
         return model
 
-    fused, plain = build(), unfuse(build())
+    fused, plain = build(), without_recompute(build())
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     y_fused, y_plain = fused(x), plain(x)
     torch.testing.assert_close(y_fused, y_plain, rtol=0, atol=1e-5 * y_plain.abs().max().item())

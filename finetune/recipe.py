@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 import rlrr
-from rlrr.finetune.errors import RecipeError
+from finetune.errors import RecipeError
 
 
 @dataclass(frozen=True)

@@ -28,14 +28,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import zoo
-from rlrr.finetune import checkpoint as ckpt
-from rlrr.finetune import distributed
-from rlrr.finetune.config import RESOLVED_FIELDS, RUN_FIELDS, FinetuneConfig
-from rlrr.finetune.data import Augmented, DataSource, ShardSampler, load_data, train_sampler, transforms
-from rlrr.finetune.errors import BatchSizeError, CheckpointError, RecipeError, ResumeMismatchError
-from rlrr.finetune.model import Built, build, copy_trainable, counts, freeze_frozen_norms, metadata
-from rlrr.finetune.progress import Progress
-from rlrr.finetune.recipe import dataset_recipe, make_loss, make_mixup, make_optimizer, make_scheduler, parameter_groups
+from finetune import checkpoint as ckpt
+from finetune import distributed
+from finetune.config import RESOLVED_FIELDS, RUN_FIELDS, FinetuneConfig
+from finetune.data import Augmented, DataSource, ShardSampler, load_data, train_sampler, transforms
+from finetune.errors import BatchSizeError, CheckpointError, RecipeError, ResumeMismatchError
+from finetune.model import Built, build, copy_trainable, counts, freeze_frozen_norms, metadata
+from finetune.progress import Progress
+from finetune.recipe import dataset_recipe, make_loss, make_mixup, make_optimizer, make_scheduler, parameter_groups
 
 Hook = Callable[[str, dict], None]  # ("update" | "epoch", facts): tests interrupt runs through it
 

@@ -10,7 +10,7 @@ from rlrr.errors import RLRRError
 
 
 class FinetuneError(RLRRError):
-    """Base class of every error `rlrr.finetune` raises on purpose."""
+    """Base class of every error `finetune` raises on purpose."""
 
 
 class DataError(FinetuneError, ValueError):

@@ -10,7 +10,7 @@ from torch import nn
 
 import rlrr
 import zoo
-from rlrr.finetune.errors import RecipeError
+from finetune.errors import RecipeError
 
 
 @dataclass
@@ -100,7 +100,7 @@ def metadata(model: nn.Module, built: Built, classes: list[str], finetune: dict)
 @torch.no_grad()
 def copy_trainable(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
     """Load trainable tensors by name; ResumeMismatchError-style message on any difference."""
-    from rlrr.finetune.errors import ResumeMismatchError
+    from finetune.errors import ResumeMismatchError
 
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     missing, extra = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))

@@ -18,9 +18,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from rlrr.errors import RLRRError
 from finetune.config import AMP, PROGRESS, FinetuneConfig
 from finetune.data import CROPS, PROTOCOLS
+from rlrr import RLRRError
 
 EXIT_OK, EXIT_BUG, EXIT_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 SUPPRESS = argparse.SUPPRESS

@@ -6,7 +6,7 @@ so a run that fails this way has touched nothing.
 
 from __future__ import annotations
 
-from rlrr.errors import RLRRError
+from rlrr import RLRRError
 
 
 class FinetuneError(RLRRError):

@@ -33,7 +33,7 @@ from finetune import distributed
 from finetune.config import RESOLVED_FIELDS, RUN_FIELDS, FinetuneConfig
 from finetune.data import Augmented, DataSource, ShardSampler, load_data, train_sampler, transforms
 from finetune.errors import BatchSizeError, CheckpointError, RecipeError, ResumeMismatchError
-from finetune.model import Built, build, copy_trainable, counts, freeze_frozen_norms, metadata
+from finetune.model import Built, build_for_training, copy_trainable, counts, freeze_frozen_norms, metadata
 from finetune.progress import Progress
 from finetune.recipe import dataset_recipe, make_loss, make_mixup, make_optimizer, make_scheduler, parameter_groups
 
@@ -229,8 +229,8 @@ def _run(cfg: FinetuneConfig, d: distributed.Dist, hook: Hook | None) -> Finetun
     _, amp = resolve_amp(amp_name, d.device)
 
     seed_everything(cfg.seed)  # the same random base and adapters in every process
-    built = build(cfg.preset, data.num_classes, weights=cfg.weights, rank=cfg.rank, init=cfg.init, targets=cfg.targets,
-                  img_size=cfg.img_size, tiny=cfg.tiny, drop_path=recipe["drop_path"])
+    built = build_for_training(cfg.preset, data.num_classes, weights=cfg.weights, rank=cfg.rank, init=cfg.init,
+                               targets=cfg.targets, img_size=cfg.img_size, tiny=cfg.tiny, drop_path=recipe["drop_path"])
     model = built.model.to(d.device)
     train_tf, eval_tf = transforms(plan.resolved["crop"], plan.img_size, flip=recipe["flip"], mean=built.mean, std=built.std,
                                    interpolation=built.interpolation)

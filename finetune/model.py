@@ -26,8 +26,8 @@ class Built:
     interpolation: str
 
 
-def build(preset_name: str, num_classes: int, *, weights: str | None, rank: int | None, init: str, targets, img_size: int | None,
-          tiny: bool, drop_path: float, loader: str = "auto") -> Built:
+def build_for_training(preset_name: str, num_classes: int, *, weights: str | None, rank: int | None, init: str, targets,
+                       img_size: int | None, tiny: bool, drop_path: float, loader: str = "auto") -> Built:
     """Build the preset's base (random, or from `weights`), then RLRR at its placement.
 
     Seed the global RNG first: the random init (base and adapters) draws from it.

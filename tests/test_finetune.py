@@ -44,7 +44,7 @@ from finetune import checkpoint as ckpt
 from finetune.__main__ import main
 from finetune.data import Augmented, load_data, transforms
 from finetune.loop import seed_everything
-from finetune.model import build
+from finetune.model import build_for_training
 from finetune.recipe import make_optimizer, make_scheduler, parameter_groups
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,8 +70,8 @@ def frozen_and_trained(model: torch.nn.Module) -> tuple[dict, set]:
 def reference(config: FinetuneConfig, num_classes: int) -> torch.nn.Module:
     """The run's model before training: the same seed, the same build."""
     seed_everything(config.seed)
-    return build(config.preset, num_classes, weights=None, rank=config.rank, init=config.init, targets=config.targets,
-                 img_size=config.img_size, tiny=config.tiny, drop_path=0.0).model
+    return build_for_training(config.preset, num_classes, weights=None, rank=config.rank, init=config.init,
+                              targets=config.targets, img_size=config.img_size, tiny=config.tiny, drop_path=0.0).model
 
 
 @pytest.fixture(scope="module")

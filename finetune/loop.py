@@ -285,7 +285,7 @@ def _run(cfg: FinetuneConfig, d: distributed.Dist, hook: Hook | None) -> Finetun
     _describe(progress, cfg, plan, built, model, d, updates)
     distributed.barrier(d)
 
-    run_info = _run_info(cfg, plan, built, model, d, updates)
+    run_info = _run_info(cfg, plan, model, d, updates)
     for epoch in range(start, cfg.epochs):
         progress.start_epoch(epoch + 1, cfg.epochs, updates)
         step, row = train_epoch(net, train_loader, epoch=epoch, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
@@ -348,7 +348,7 @@ def _summary(run_info: dict, best_acc: float, best_epoch: int, test: dict | None
     return {"run": run_info, "best": {"epoch": best_epoch, "val_acc": best_acc}, "test": test}
 
 
-def _run_info(cfg, plan, built, model, d, updates) -> dict:
+def _run_info(cfg, plan, model, d, updates) -> dict:
     c = counts(model)
     return {"preset": cfg.preset, "tiny": cfg.tiny, "weights": plan.resolved["weights"], "data": plan.data.description,
             "classes": len(plan.data.classes), "processes": d.world, "micro_batch": plan.micro, "updates_per_epoch": updates,

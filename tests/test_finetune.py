@@ -1,4 +1,4 @@
-"""`rlrr.finetune`: the paper's recipe as a loop, on generated data with the smallest ViT and ResNet twins.
+"""`finetune`: the paper's recipe as a loop, on generated data with the smallest ViT and ResNet twins.
 
 - Training: the loss goes down; only adapter and head parameters change (the frozen base, BatchNorm
   statistics included, stays bit-identical); parameter groups follow the official `get_parameters`.
@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 
 import rlrr
 import zoo
-from rlrr.finetune import (
+from finetune import (
     BatchSizeError,
     CheckpointError,
     DataError,
@@ -40,12 +40,12 @@ from rlrr.finetune import (
     ResumeMismatchError,
     finetune,
 )
-from rlrr.finetune import checkpoint as ckpt
-from rlrr.finetune.__main__ import main
-from rlrr.finetune.data import Augmented, load_data, transforms
-from rlrr.finetune.loop import seed_everything
-from rlrr.finetune.model import build
-from rlrr.finetune.recipe import make_optimizer, make_scheduler, parameter_groups
+from finetune import checkpoint as ckpt
+from finetune.__main__ import main
+from finetune.data import Augmented, load_data, transforms
+from finetune.loop import seed_everything
+from finetune.model import build_for_training
+from finetune.recipe import make_optimizer, make_scheduler, parameter_groups
 
 ROOT = Path(__file__).resolve().parents[1]
 VIT, RESNET = "vit_tiny_patch16_224", "resnet18"
@@ -70,8 +70,8 @@ def frozen_and_trained(model: torch.nn.Module) -> tuple[dict, set]:
 def reference(config: FinetuneConfig, num_classes: int) -> torch.nn.Module:
     """The run's model before training: the same seed, the same build."""
     seed_everything(config.seed)
-    return build(config.preset, num_classes, weights=None, rank=config.rank, init=config.init, targets=config.targets,
-                 img_size=config.img_size, tiny=config.tiny, drop_path=0.0).model
+    return build_for_training(config.preset, num_classes, weights=None, rank=config.rank, init=config.init,
+                              targets=config.targets, img_size=config.img_size, tiny=config.tiny, drop_path=0.0).model
 
 
 @pytest.fixture(scope="module")
@@ -226,7 +226,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     """
     args = ["--preset", VIT, "--tiny", "--epochs", "2", "--batch-size", "8", "--lr", "3e-3", "--progress", "lines"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "rlrr.finetune",
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "finetune",
                            *args, "--output", str(tmp_path / "ddp")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 processes (gloo); DDP all-reduces 2,244 values in 38 tensors (adapters and head only)" in done.stderr

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
-from rlrr.finetune.errors import DataError
+from finetune.errors import DataError
 
 LIST_SPLITS = {  # split -> file names tried in order (VTAB-1k's first, then plain lists)
     "train": ("train800.txt", "train.txt"),

@@ -6,11 +6,11 @@ so a run that fails this way has touched nothing.
 
 from __future__ import annotations
 
-from rlrr.errors import RLRRError
+from rlrr import RLRRError
 
 
 class FinetuneError(RLRRError):
-    """Base class of every error `rlrr.finetune` raises on purpose."""
+    """Base class of every error `finetune` raises on purpose."""
 
 
 class DataError(FinetuneError, ValueError):

@@ -9,9 +9,9 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, fields
 
-from rlrr.finetune.data import CROPS, PROTOCOLS, Generated
-from rlrr.finetune.errors import BatchSizeError, RecipeError
-from rlrr.finetune.recipe import (
+from finetune.data import CROPS, PROTOCOLS, Generated
+from finetune.errors import BatchSizeError, RecipeError
+from finetune.recipe import (
     DEFAULT_BATCH,
     DEFAULT_EPOCHS,
     DEFAULT_LR,
@@ -43,7 +43,7 @@ class FinetuneConfig:
     img_size: int | None = None  # input size; None: the preset's (224; the twin's 32)
     drop_path: float | None = None  # stochastic depth (timm models); None: the dataset preset's, else 0
     # data
-    data: str | None = None  # a dataset folder (see rlrr.finetune.data); None: generated data
+    data: str | None = None  # a dataset folder (see finetune.data); None: generated data
     dataset: str | None = None  # a VTAB-1k / FGVC preset (recipe.DATASETS): lr, weight decay, batch, flip ...
     protocol: str = "tune"  # "tune": train/val; "final": train+val, evaluate on test (the official code)
     crop: str | None = None  # "resize" (VTAB), "random-resized" (FGVC, the paper), "resize-random" (official FGVC code)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 import rlrr
-from rlrr.finetune.errors import RecipeError
+from finetune.errors import RecipeError
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class DatasetRecipe:
 
 
 _V, _F = "vtab1k", "fgvc"
-# Keys are zoo.datasets' names; `official` is the official code's. Order: the paper's Table 2 / Table 1.
+# Keys are the dataset names of zoo.BENCHMARKS; `official` is the official code's. Order: the paper's Table 2 / Table 1.
 DATASETS: dict[str, DatasetRecipe] = {
     "cifar100": DatasetRecipe(_V, "cifar", 100, 3e-3, 5e-5, 0.1, False),
     "caltech101": DatasetRecipe(_V, "caltech101", 102, 1e-3, 5e-5, 0.1, False),

@@ -10,7 +10,7 @@ from torch import nn
 
 import rlrr
 import zoo
-from rlrr.finetune.errors import RecipeError
+from finetune.errors import RecipeError, ResumeMismatchError
 
 
 @dataclass
@@ -26,8 +26,8 @@ class Built:
     interpolation: str
 
 
-def build(preset_name: str, num_classes: int, *, weights: str | None, rank: int | None, init: str, targets, img_size: int | None,
-          tiny: bool, drop_path: float, loader: str = "auto") -> Built:
+def build_for_training(preset_name: str, num_classes: int, *, weights: str | None, rank: int | None, init: str, targets,
+                       img_size: int | None, tiny: bool, drop_path: float) -> Built:
     """Build the preset's base (random, or from `weights`), then RLRR at its placement.
 
     Seed the global RNG first: the random init (base and adapters) draws from it.
@@ -40,7 +40,7 @@ def build(preset_name: str, num_classes: int, *, weights: str | None, rank: int 
         kwargs["drop_path_rate"] = drop_path
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model = zoo.build_base(preset, num_classes, weights, img_size=img_size, loader=loader, tiny=tiny, **kwargs)
+        model = zoo.build_base(preset, num_classes, weights, img_size=img_size, tiny=tiny, **kwargs)
     notes = []
     for w in caught:
         if issubclass(w.category, zoo.RandomWeightsWarning) or str(w.message).startswith("zoo: "):  # reported as notes
@@ -100,8 +100,6 @@ def metadata(model: nn.Module, built: Built, classes: list[str], finetune: dict)
 @torch.no_grad()
 def copy_trainable(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
     """Load trainable tensors by name; ResumeMismatchError-style message on any difference."""
-    from rlrr.finetune.errors import ResumeMismatchError
-
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     missing, extra = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
     shapes = [f"{n}: {tuple(tensors[n].shape)} vs {tuple(p.shape)}" for n, p in params.items() if n in tensors and tensors[n].shape != p.shape]

@@ -29,9 +29,9 @@ import torch
 from torch import nn
 
 import rlrr
-from rlrr.finetune.errors import CheckpointError
+from finetune.errors import CheckpointError
 
-FORMAT = "rlrr.finetune/1"
+FORMAT = "rlrr.finetune/1"  # the training-state format tag, not the module path: unchanged, so earlier runs still resume
 STATE_DIR = "checkpoints"
 LAST, BEST = "last.safetensors", "best.safetensors"
 METRICS_CSV, METRICS_JSON = "metrics.csv", "metrics.json"
@@ -131,7 +131,7 @@ def _read(path: Path) -> dict:
         raise CheckpointError(f"{path} cannot be read (truncated or corrupted?): {type(e).__name__}: {e}") from e
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
-        raise CheckpointError(f"{path} is not an rlrr.finetune training state (format {found!r}, expected {FORMAT!r})")
+        raise CheckpointError(f"{path} is not a finetune training state (format {found!r}, expected {FORMAT!r})")
     missing = [k for k in ("epoch", "global_step", "config", "trainable", "optimizer", "rng") if k not in state]
     if missing:
         raise CheckpointError(f"{path} is an incomplete training state: {missing} missing")

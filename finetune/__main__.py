@@ -1,10 +1,10 @@
-"""`python -m rlrr.finetune`: fine-tune a zoo preset's RLRR adapters and head with the paper's recipe.
+"""`python -m finetune`: fine-tune a zoo preset's RLRR adapters and head with the paper's recipe.
 
-    python -m rlrr.finetune --preset vit_tiny_patch16_224 --epochs 2 --output runs/smoke      # generated data
-    python -m rlrr.finetune --preset vit_base_patch16_224 --weights ViT-B_16.npz \\
+    python -m finetune --preset vit_tiny_patch16_224 --epochs 2 --output runs/smoke      # generated data
+    python -m finetune --preset vit_base_patch16_224 --weights ViT-B_16.npz \\
         --data vtab-1k/cifar --dataset cifar100 --protocol final --output runs/cifar
-    torchrun --nproc_per_node 2 -m rlrr.finetune ...                                          # DDP
-    python -m rlrr.finetune --resume --output runs/cifar                                       # continue exactly
+    torchrun --nproc_per_node 2 -m finetune ...                                          # DDP
+    python -m finetune --resume --output runs/cifar                                      # continue exactly
 
 The output folder then holds last.safetensors, best.safetensors (adapters, head and the metadata
 `python -m export.onnx --adapter FILE` builds the model from), metrics.csv, metrics.json and
@@ -18,9 +18,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from rlrr.errors import RLRRError
-from rlrr.finetune.config import AMP, PROGRESS, FinetuneConfig
-from rlrr.finetune.data import CROPS, PROTOCOLS
+from finetune.config import AMP, PROGRESS, FinetuneConfig
+from finetune.data import CROPS, PROTOCOLS
+from rlrr import RLRRError
 
 EXIT_OK, EXIT_BUG, EXIT_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 SUPPRESS = argparse.SUPPRESS
@@ -38,7 +38,7 @@ checkpoint is intact: continue with --resume), 1 anything else.
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m rlrr.finetune", description=__doc__.split("\n")[0], epilog=EPILOG,
+    p = argparse.ArgumentParser(prog="python -m finetune", description=__doc__.split("\n")[0], epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=SUPPRESS)
     m = p.add_argument_group("model")
     m.add_argument("--preset", metavar="NAME", help="zoo preset (default vit_base_patch16_224; python -m zoo.params lists them)")
@@ -97,7 +97,7 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
         given["targets"] = tuple(given["targets"])
     base = {}
     if "resume" in given:
-        from rlrr.finetune import checkpoint as ckpt
+        from finetune import checkpoint as ckpt
 
         source = ckpt.resolve_resume(given["resume"], Path(given.get("output", FinetuneConfig.output)))
         stored = ckpt.load_state(source)["config"]
@@ -106,7 +106,7 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
 
 
 def list_datasets() -> str:
-    from rlrr.finetune.recipe import DATASETS
+    from finetune.recipe import DATASETS
 
     lines = [f"{'name':22} {'benchmark':9} {'official':22} {'classes':>7} {'lr':>7} {'wd':>7} {'drop path':>9} {'flip':>5}",
              "(values from the official configs, github.com/zstarN70/RLRR RLRRDatasets/VTABConfig.py, FGVCConfig.py; batch 32)"]
@@ -121,14 +121,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "list_datasets", False):
         print(list_datasets())
         return EXIT_OK
-    from rlrr.finetune.loop import finetune
+    from finetune.loop import finetune
 
     config = None
     try:
         config = config_from_args(args)
         finetune(config)
     except RLRRError as e:
-        print(f"rlrr.finetune: error: {e}", file=sys.stderr)
+        print(f"finetune: error: {e}", file=sys.stderr)
         return EXIT_INPUT
     except KeyboardInterrupt:
         _interrupted(config)
@@ -139,17 +139,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _interrupted(config: FinetuneConfig | None) -> None:
     import os
 
-    from rlrr.finetune import checkpoint as ckpt
+    from finetune import checkpoint as ckpt
 
     if config is None or os.environ.get("RANK", "0") != "0":
         return
     output = Path(config.output)
     states = ckpt.list_states(output)
     if states:
-        print(f"\nrlrr.finetune: interrupted; the last complete checkpoint is {states[-1][1]} (epoch {states[-1][0]}). "
-              f"Continue with: python -m rlrr.finetune --resume --output {output}", file=sys.stderr)
+        print(f"\nfinetune: interrupted; the last complete checkpoint is {states[-1][1]} (epoch {states[-1][0]}). "
+              f"Continue with: python -m finetune --resume --output {output}", file=sys.stderr)
     else:
-        print("\nrlrr.finetune: interrupted before the first epoch ended: no checkpoint was written", file=sys.stderr)
+        print("\nfinetune: interrupted before the first epoch ended: no checkpoint was written", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -28,14 +28,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import zoo
-from rlrr.finetune import checkpoint as ckpt
-from rlrr.finetune import distributed
-from rlrr.finetune.config import RESOLVED_FIELDS, RUN_FIELDS, FinetuneConfig
-from rlrr.finetune.data import Augmented, DataSource, ShardSampler, load_data, train_sampler, transforms
-from rlrr.finetune.errors import BatchSizeError, CheckpointError, RecipeError, ResumeMismatchError
-from rlrr.finetune.model import Built, build, copy_trainable, counts, freeze_frozen_norms, metadata
-from rlrr.finetune.progress import Progress
-from rlrr.finetune.recipe import dataset_recipe, make_loss, make_mixup, make_optimizer, make_scheduler, parameter_groups
+from finetune import checkpoint as ckpt
+from finetune import distributed
+from finetune.config import RESOLVED_FIELDS, RUN_FIELDS, FinetuneConfig
+from finetune.data import Augmented, DataSource, ShardSampler, load_data, train_sampler, transforms
+from finetune.errors import BatchSizeError, CheckpointError, RecipeError, ResumeMismatchError
+from finetune.model import Built, build_for_training, copy_trainable, counts, freeze_frozen_norms, metadata
+from finetune.progress import Progress
+from finetune.recipe import dataset_recipe, make_loss, make_mixup, make_optimizer, make_scheduler, parameter_groups
 
 Hook = Callable[[str, dict], None]  # ("update" | "epoch", facts): tests interrupt runs through it
 
@@ -229,8 +229,8 @@ def _run(cfg: FinetuneConfig, d: distributed.Dist, hook: Hook | None) -> Finetun
     _, amp = resolve_amp(amp_name, d.device)
 
     seed_everything(cfg.seed)  # the same random base and adapters in every process
-    built = build(cfg.preset, data.num_classes, weights=cfg.weights, rank=cfg.rank, init=cfg.init, targets=cfg.targets,
-                  img_size=cfg.img_size, tiny=cfg.tiny, drop_path=recipe["drop_path"])
+    built = build_for_training(cfg.preset, data.num_classes, weights=cfg.weights, rank=cfg.rank, init=cfg.init,
+                               targets=cfg.targets, img_size=cfg.img_size, tiny=cfg.tiny, drop_path=recipe["drop_path"])
     model = built.model.to(d.device)
     train_tf, eval_tf = transforms(plan.resolved["crop"], plan.img_size, flip=recipe["flip"], mean=built.mean, std=built.std,
                                    interpolation=built.interpolation)
@@ -285,7 +285,7 @@ def _run(cfg: FinetuneConfig, d: distributed.Dist, hook: Hook | None) -> Finetun
     _describe(progress, cfg, plan, built, model, d, updates)
     distributed.barrier(d)
 
-    run_info = _run_info(cfg, plan, built, model, d, updates)
+    run_info = _run_info(cfg, plan, model, d, updates)
     for epoch in range(start, cfg.epochs):
         progress.start_epoch(epoch + 1, cfg.epochs, updates)
         step, row = train_epoch(net, train_loader, epoch=epoch, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
@@ -348,7 +348,7 @@ def _summary(run_info: dict, best_acc: float, best_epoch: int, test: dict | None
     return {"run": run_info, "best": {"epoch": best_epoch, "val_acc": best_acc}, "test": test}
 
 
-def _run_info(cfg, plan, built, model, d, updates) -> dict:
+def _run_info(cfg, plan, model, d, updates) -> dict:
     c = counts(model)
     return {"preset": cfg.preset, "tiny": cfg.tiny, "weights": plan.resolved["weights"], "data": plan.data.description,
             "classes": len(plan.data.classes), "processes": d.world, "micro_batch": plan.micro, "updates_per_epoch": updates,

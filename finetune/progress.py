@@ -6,17 +6,14 @@ Only rank 0 reports. "none" (`--quiet`) reports nothing; errors still reach the 
 from __future__ import annotations
 
 import sys
-import time
 
 
 class Progress:
     """Reports one run. `mode`: "auto" (bar on a terminal, else lines), "bar", "lines" or "none"."""
 
-    def __init__(self, mode: str = "auto", *, enabled: bool = True, log_every: int = 0, stream=None) -> None:
+    def __init__(self, mode: str = "auto", *, log_every: int = 0, stream=None) -> None:
         """`log_every`: in lines mode, a line every N updates; 0: about ten an epoch when it has 20 or more."""
         self.stream = stream or sys.stderr
-        if not enabled:
-            mode = "none"
         if mode == "auto":
             mode = "bar" if getattr(self.stream, "isatty", lambda: False)() else "lines"
         if mode == "bar":
@@ -26,7 +23,6 @@ class Progress:
                 mode = "lines"
         self.mode, self.log_every = mode, log_every
         self._bar = None
-        self._start = 0.0
 
     def info(self, text: str) -> None:
         """A line about the run (model, data, recipe, files)."""
@@ -34,7 +30,7 @@ class Progress:
             print(text, file=self.stream, flush=True)
 
     def start_epoch(self, epoch: int, epochs: int, updates: int) -> None:
-        self._start, self._epoch, self._epochs = time.perf_counter(), epoch, epochs
+        self._epoch, self._epochs = epoch, epochs
         self._every = self.log_every or (updates // 10 if updates >= 20 else 0)  # auto: about 10 lines an epoch
         if self.mode == "bar":
             from tqdm import tqdm

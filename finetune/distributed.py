@@ -1,4 +1,4 @@
-"""One process or many: `torchrun --nproc_per_node N -m rlrr.finetune ...` sets the environment.
+"""One process or many: `torchrun --nproc_per_node N -m finetune ...` sets the environment.
 
 With WORLD_SIZE > 1 the process group starts with gloo on CPU and nccl on CUDA. The model is
 wrapped in DistributedDataParallel, which registers only parameters that require grad: the
@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from rlrr.finetune.errors import RecipeError
+from finetune.errors import RecipeError
 
 
 @dataclass

@@ -14,7 +14,8 @@ Any model by name (timm first, then torchvision; `timm:`/`torchvision:`/`tv:` pr
     zoo.load_into(model, "convnext_atto.safetensors")    # strict, except a head of another size
     zoo.classifier_name(model)                           # "head.fc"
 
-`python -m zoo.params` compares each preset's trainable-parameter budget with the paper's.
+`python -m zoo.params` compares each preset's trainable-parameter budget with the paper's;
+`python -m zoo.plan --model NAME` prints the sites RLRR adapts in any model.
 """
 
 from zoo.build import BuildRecord, adapter_metadata, build, build_base, build_record, from_adapter

@@ -141,6 +141,12 @@ def test_placement_on_tiny_twin(name):
     assert (record.preset, record.num_classes, record.rank, record.tiny) == (name, NUM_CLASSES, preset.rank, True)
 
 
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_declared_head_is_the_classifier_the_zoo_finds(name):
+    """A preset's trained-in-full head is the module `zoo.classifier_name` finds (weights, export, zoo.plan use it)."""
+    assert zoo.get_preset(name).placement.trainable == (zoo.classifier_name(tiny_base(name)),)
+
+
 # --- budgets --------------------------------------------------------------------------------------
 
 

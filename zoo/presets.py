@@ -24,7 +24,7 @@ class Placement:
     """Where RLRR, SSF and full training go in one family."""
 
     targets: tuple[str, ...]  # RLRR sites: "re:" full-match regexes on site names (rlrr.targets)
-    trainable: tuple[str, ...]  # modules trained in full and never adapted: the classifier head
+    trainable: tuple[str, ...]  # modules trained in full and never adapted: the classifier head (zoo.classifier_name)
     ssf: tuple[str, ...] = ()  # linear/conv sites given an SSF scale and shift of their outputs instead
     fused_chunks: bool = True  # True: q, k, v of a fused qkv counted as separate layers (one S_left each)
 
@@ -108,7 +108,7 @@ CONVNEXT = Placement(  # not in the paper: every conv and linear as RLRR, every 
 TV_VIT = Placement(  # torchvision's ViT, placed as the official ViT code: in_proj carries q, k, v chunks
     targets=(r"re:encoder\.layers\.encoder_layer_\d+\.(self_attention\.(in_proj|out_proj)|mlp\.[03]|ln_[12])",
              r"re:encoder\.ln"),
-    trainable=("heads",),
+    trainable=("heads.head",),  # the Linear inside the `heads` Sequential
     ssf=(r"re:conv_proj",),
     fused_chunks=True,
 )

@@ -100,7 +100,8 @@ def _tv_vit_sites(m: nn.Module) -> dict[str, tuple[str, str]]:
 
 FAMILY = {  # preset -> (expected sites, fused q/k/v projections and their chunk count)
     **{n: (_vit_sites, "attn.qkv", 3) for n in ("vit_base_patch16_224", "vit_large_patch16_224", "vit_huge_patch14_224",
-                                                 "vit_tiny_patch16_224", "deit_base_patch16_224", "deit_tiny_patch16_224")},
+                                                 "vit_small_patch16_224", "vit_tiny_patch16_224", "deit_base_patch16_224",
+                                                 "deit_tiny_patch16_224")},
     **{n: (_swin_sites, "attn.qkv", 1) for n in ("swin_base_patch4_window7_224", "swin_tiny_patch4_window7_224")},
     **{n: (lambda m: {k: v for k, v in _by_type(m, "fc").items() if v[0] == "conv"}, None, 0) for n in ("resnet18", "resnet50")},
     **{n: (lambda m: _by_type(m, "head.fc"), None, 0) for n in ("convnext_base", "convnext_atto")},

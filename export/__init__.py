@@ -11,8 +11,6 @@ _LAZY = {
     "export_torchscript": "export.torchscript",
     "ModelSpec": "export.pipeline",
     "ExportReport": "export.report",
-    "build_model": "export.models",
-    "load_weights": "export.models",
     "random_adapter": "export.adapt",
     "save_export_adapter": "export.adapt",
 }

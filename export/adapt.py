@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 import rlrr
+import zoo
 from adapters import LinearRescale, NormScaleShift
-from export.models import classifier_name, wake
+from export.wake import wake
 
 #: Keys `export` reads from (and `save_export_adapter` writes into) an adapter file's metadata.
 META_KEYS = ("model", "num_classes", "img_size", "model_kwargs", "preset", "tiny")
@@ -53,7 +54,7 @@ def random_adapter(model: nn.Module, *, seed: int = 0, rank: int = 1, targets=No
     starts at zero, and the norms' scale and shift are then redrawn so that each adapter tensor
     changes the output. A head that is all zeros is redrawn as well. The global RNG is untouched.
     """
-    head = classifier_name(model)
+    head = zoo.classifier_name(model)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         rlrr.apply(model, targets, rank=rank, init=init, trainable=head or ())

@@ -18,7 +18,7 @@ from pathlib import Path
 from export.errors import ExportError, MissingRuntimeError, VerificationError
 from export.files import report_path
 from export.pipeline import DEFAULT_SPEC, DTYPES, Exporter, resolve_spec, run_export
-from rlrr.errors import RLRRError
+from rlrr import RLRRError
 
 EXIT_OK, EXIT_MISMATCH, EXIT_INPUT, EXIT_EXPORT, EXIT_RUNTIME, EXIT_BUG, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 70, 130
 

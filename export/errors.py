@@ -1,20 +1,14 @@
 """Errors of the deployment path. Each also derives from the builtin a caller would expect.
 
 The CLIs map them to exit codes (see `export.cli`): bad input is 2, an export the exporter cannot
-do is 3, a missing runtime is 4, a verification past tolerance is 1.
+do is 3, a missing runtime is 4, a verification past tolerance is 1. Building the base model and
+reading its weights raise the zoo's errors (`zoo.UnknownModelError`, `zoo.WeightsFileError`,
+`zoo.WeightsMismatchError`): bad input, 2.
 """
 
 from __future__ import annotations
 
-from rlrr.errors import RLRRError
-
-
-class UnknownModelError(RLRRError, ValueError):
-    """A model name that neither timm nor torchvision (nor an importable builder) knows."""
-
-
-class WeightsError(RLRRError, ValueError):
-    """A base weight file is unreadable or its keys/shapes do not fit the model."""
+from rlrr import RLRRError
 
 
 class OutputError(RLRRError, OSError):

@@ -175,8 +175,8 @@ def export_onnx(
 ) -> ExportReport:
     """Fold `model`'s RLRR adapters, export ONNX to `out`, verify it in onnxruntime, write `out.json`.
 
-    `model`: a module (adapted in place and folded), a `ModelSpec` / name to build, or None for
-    the model the adapter file names. The adapter: `adapter` file, else the model's own, else a
+    `model`: a module (never changed: a deep copy is adapted and folded), a `ModelSpec` / name to
+    build, or None for the model the adapter file names. The adapter: `adapter` file, else the model's own, else a
     seeded random one. `input_shape` is (C, H, W) (default: the model's config, else 3x224x224).
     Verification runs `inputs_per_batch` seeded inputs at each of `batch_sizes` through the file
     and through the unmerged model; it passes when max |diff| / max |expected| <= `tolerance`

@@ -25,13 +25,14 @@ import torch
 from torch import Tensor, nn
 
 import rlrr
+import zoo
 from export.adapt import AdapterInfo, describe_random, random_adapter, read_metadata
 from export.errors import VacuousCheckWarning, VerificationError
 from export.files import Staging, report_path
 from export.fold import fold_with_report
-from export.models import ModelInfo, build_model, input_size, load_weights, read_weights, wake
-from export.report import ExportReport, Latency
+from export.report import ExportReport, Latency, ModelInfo
 from export.verify import DEFAULT_TOLERANCE, compare, flatten, make_inputs, median_latency, paired_latency, reference_outputs, sample_independent
+from export.wake import wake
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 Progress = Callable[[str, "float | None"], None]  # (step text, None at start / seconds at the end)
@@ -45,7 +46,7 @@ class ModelSpec:
     num_classes: int | None = None
     img_size: int | tuple[int, int] | None = None
     model_kwargs: dict = field(default_factory=dict)
-    weights: str | os.PathLike | None = None  # local base weights; None: random init, woken (see models.wake)
+    weights: str | os.PathLike | None = None  # local base weights; None: random init, woken (see export.wake)
     preset: str | None = None  # a zoo preset named by the adapter file: built through zoo.build_base
     tiny: bool = False  # the zoo preset's test-size twin
 
@@ -218,7 +219,7 @@ def run_export(
                 model, info = _build(spec, seed)
         else:
             info = info or ModelInfo(name=type(model).__name__)
-        shape = tuple(input_shape) if input_shape is not None else input_size(model, *((spec.img_size, spec.model_kwargs) if spec else ()))
+        shape = tuple(input_shape) if input_shape is not None else zoo.input_size(model, *((spec.img_size, spec.model_kwargs) if spec else ()))
         run = _Run(model.eval(), exporter, staging, shape, DTYPES[dtype], seed)
         base_params = None if adapted else _count(model)
         base = model if timed else None  # kept plain for its own export
@@ -304,14 +305,18 @@ class _Run:
 
 
 def _build(spec: ModelSpec, seed: int) -> tuple[nn.Module, ModelInfo]:
-    state = read_weights(spec.weights) if spec.weights else None  # an unreadable file fails before the build
+    state = zoo.read_state_dict(spec.weights) if spec.weights else None  # an unreadable file fails before the build
     if spec.preset:
         model, info = _build_preset(spec)
     else:
-        model, info = build_model(spec.name, num_classes=spec.num_classes, img_size=spec.img_size, model_kwargs=spec.model_kwargs)
-    if spec.weights:
+        model, source = zoo.build_model(spec.name, num_classes=spec.num_classes, img_size=spec.img_size, model_kwargs=spec.model_kwargs)
+        info = ModelInfo(name=spec.name, source=source.library, weights="random init", kwargs=source.kwargs)
+    if state is not None:
         info.weights = str(spec.weights)
-        info.notes += load_weights(model, spec.weights, state)
+        with warnings.catch_warnings(record=True) as said:  # a head kept as built: a note of the report
+            warnings.simplefilter("always")
+            zoo.load_into(model, state, source=str(spec.weights))
+        info.notes += [str(w.message) for w in said]
     else:
         woken = wake(model, seed)
         info.weights = f"random init, seed {seed}" + (f" ({len(woken)} constant tensors such as zero-init gammas redrawn)" if woken else "")
@@ -320,8 +325,6 @@ def _build(spec: ModelSpec, seed: int) -> tuple[nn.Module, ModelInfo]:
 
 def _build_preset(spec: ModelSpec) -> tuple[nn.Module, ModelInfo]:
     """The zoo preset an adapter file was trained on (torchvision ResNets, test-size twins)."""
-    import zoo
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", zoo.RandomWeightsWarning)  # the report says how weights were made
         model = zoo.build_base(spec.preset, spec.num_classes, img_size=spec.img_size, tiny=spec.tiny, **spec.model_kwargs)

@@ -10,6 +10,17 @@ from export.verify import OutputCheck
 
 
 @dataclass
+class ModelInfo:
+    """Where the exported base model came from, for the report."""
+
+    name: str  # as asked, e.g. "vit_base_patch16_224" or "torchvision:resnet50"
+    source: str = "module"  # "timm", "torchvision", "builder", "zoo preset ..." or "module" (given as an object)
+    weights: str = "as given"  # a file path, or how the weights were made
+    kwargs: dict = field(default_factory=dict)  # everything passed to the builder
+    notes: list[str] = field(default_factory=list)  # what loading the base weights said (a head kept as built)
+
+
+@dataclass
 class Latency:
     """Median latency of the folded export against the base model's, same runtime and options."""
 

@@ -162,10 +162,6 @@ class Session:
         name = self.session.get_inputs()[0].name
         return self.session.run(None, {name: x})
 
-    @property
-    def output_names(self) -> list[str]:
-        return [o.name for o in self.session.get_outputs()]
-
 
 def provider_list(choice: str) -> tuple[list, str]:
     """The providers to ask onnxruntime for, and why: CUDA where onnxruntime-gpu offers it."""

@@ -34,16 +34,18 @@ import torchvision
 from torch import nn
 
 import rlrr
+import zoo
 from export.adapt import random_adapter, read_metadata, save_export_adapter
-from export.errors import MissingRuntimeError, OutputError, UnknownModelError, VerificationError, WeightsError
+from export.errors import MissingRuntimeError, OutputError, VerificationError
 from export.files import Staging
-from export.models import build_model, classifier_name, load_weights, suggest, wake
 from export.onnx import export_onnx
 from export.onnx import main as onnx_main
-from export.pipeline import ModelSpec, resolve_spec
+from export.pipeline import ModelSpec, _build, resolve_spec
 from export.torchscript import export_torchscript
 from export.torchscript import main as torchscript_main
 from export.verify import compare, provider_list, sample_independent
+from export.wake import wake
+from zoo.models import suggest
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = {"batch_sizes": (1, 3), "inputs_per_batch": 2, "latency_runs": 0}
@@ -99,7 +101,7 @@ def test_onnx_export_matches_the_unmerged_model(case, tmp_path):
 
 
 def test_vit_rank2_fused_qkv_latency_and_table(tmp_path):
-    model, _ = build_model(TINY_VIT.name, num_classes=5, img_size=32, model_kwargs=TINY_VIT_KWARGS)
+    model, _ = zoo.build_model(TINY_VIT.name, num_classes=5, img_size=32, model_kwargs=TINY_VIT_KWARGS)
     qkv = [s for s in rlrr.plan(model, rank=2).sites if s.name.endswith("attn.qkv")]
     assert qkv and all(s.chunks == 3 for s in qkv)  # one S_left per q, k, v chunk
     out = tmp_path / "vit.onnx"
@@ -222,48 +224,56 @@ def test_random_adapter_is_seeded_and_non_zero():
 
 
 def test_unknown_model_suggests_near_names():
-    with pytest.raises(UnknownModelError, match="vit_tiny_patch16_224"):
-        build_model("vit_tiny_patch16_2244")
+    with pytest.raises(zoo.UnknownModelError, match="vit_tiny_patch16_224") as info:
+        zoo.build_model("vit_tiny_patch16_2244")
+    assert isinstance(info.value, rlrr.RLRRError) and isinstance(info.value, ValueError)
     assert "resnet50" in suggest("resnet5O")
-    with pytest.raises(UnknownModelError, match="cannot be imported"):
-        build_model("no_such_package_xyz:build")
+    with pytest.raises(zoo.UnknownModelError, match="cannot be imported"):
+        zoo.build_model("no_such_package_xyz:build")
 
 
 def test_weights_strict_keys_name_the_mismatch(tmp_path):
-    model, _ = build_model("resnet18", num_classes=5, model_kwargs={"layers": (1, 1, 1, 1)})
+    model, _ = zoo.build_model("resnet18", num_classes=5, model_kwargs={"layers": (1, 1, 1, 1)})
     state = model.state_dict()
     torch.save({"state_dict": {"module." + k: v for k, v in state.items()}}, tmp_path / "wrapped.pth")
-    assert load_weights(model, tmp_path / "wrapped.pth") == []  # a checkpoint wrapper and DDP prefix are fine
+    assert zoo.load_into(model, tmp_path / "wrapped.pth") == []  # a checkpoint wrapper and DDP prefix are fine
     broken = dict(state)
     broken.pop("conv1.weight")
     broken["extra.weight"] = torch.zeros(1)
     broken["layer1.0.conv1.weight"] = torch.zeros(1)
     torch.save(broken, tmp_path / "broken.pth")
-    with pytest.raises(WeightsError) as info:
-        load_weights(model, tmp_path / "broken.pth")
+    with pytest.raises(zoo.WeightsMismatchError) as info:
+        zoo.load_into(model, tmp_path / "broken.pth")
+    assert isinstance(info.value, ValueError)
     assert "conv1.weight" in str(info.value) and "extra.weight" in str(info.value) and "layer1.0.conv1.weight" in str(info.value)
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(WeightsError, match="cannot read"):
-        load_weights(model, tmp_path / "junk.pth")
+    with pytest.raises(zoo.WeightsFileError, match="cannot read") as info:
+        zoo.load_into(model, tmp_path / "junk.pth")
+    assert isinstance(info.value, ValueError)  # bad weights are a ValueError, missing or unreadable as well
 
 
 def test_weights_with_another_head_keep_the_new_head(tmp_path):
-    thousand, _ = build_model("resnet18", num_classes=1000, model_kwargs={"layers": (1, 1, 1, 1)})
+    thousand, _ = zoo.build_model("resnet18", num_classes=1000, model_kwargs={"layers": (1, 1, 1, 1)})
     torch.save(thousand.state_dict(), tmp_path / "in1k.pth")
-    model, _ = build_model("resnet18", num_classes=5, model_kwargs={"layers": (1, 1, 1, 1)})
-    notes = load_weights(model, tmp_path / "in1k.pth")
-    assert classifier_name(model) == "fc" and any("fc.weight" in n for n in notes)
+    model, _ = zoo.build_model("resnet18", num_classes=5, model_kwargs={"layers": (1, 1, 1, 1)})
+    with pytest.warns(UserWarning, match="head"):
+        notes = zoo.load_into(model, tmp_path / "in1k.pth")
+    assert zoo.classifier_name(model) == "fc" and any("fc.weight" in n for n in notes)
     assert torch.equal(model.conv1.weight, thousand.conv1.weight)
+    # the export report carries it as a note of the base weights
+    built, info = _build(ModelSpec("resnet18", 5, 32, {"layers": (1, 1, 1, 1)}, tmp_path / "in1k.pth"), seed=0)
+    assert torch.equal(built.conv1.weight, thousand.conv1.weight) and info.weights == str(tmp_path / "in1k.pth")
+    assert len(info.notes) == 1 and "fc.weight" in info.notes[0] and "fresh initialisation" in info.notes[0]
 
 
 def test_classifier_head_is_found_and_a_headless_model_has_none():
-    assert classifier_name(build_model("convnext_atto", num_classes=3)[0]) == "head.fc"
-    assert classifier_name(tv_tiny_vit()) == "heads.head"
-    assert classifier_name(build_model("resnet18", num_classes=0, model_kwargs={"layers": (1, 1, 1, 1)})[0]) is None
+    assert zoo.classifier_name(zoo.build_model("convnext_atto", num_classes=3)[0]) == "head.fc"
+    assert zoo.classifier_name(tv_tiny_vit()) == "heads.head"
+    assert zoo.classifier_name(zoo.build_model("resnet18", num_classes=0, model_kwargs={"layers": (1, 1, 1, 1)})[0]) is None
 
 
 def test_wake_redraws_zero_initialised_tensors():
-    model, _ = build_model("resnet18", num_classes=5, model_kwargs={"layers": (1, 1, 1, 1)})
+    model, _ = zoo.build_model("resnet18", num_classes=5, model_kwargs={"layers": (1, 1, 1, 1)})
     assert bool((model.layer1[0].bn2.weight == 0).all())  # timm's zero_init_last
     assert "layer1.0.bn2.weight" in wake(model, seed=0)
     assert bool((model.layer1[0].bn2.weight != 0).all())
@@ -287,7 +297,7 @@ def test_output_checks(tmp_path):
 
 
 def test_adapter_metadata_builds_the_model_and_conflicts_are_errors(tmp_path):
-    model, _ = build_model("vit_tiny_patch16_224", num_classes=5, img_size=32, model_kwargs=TINY_VIT_KWARGS)
+    model, _ = zoo.build_model("vit_tiny_patch16_224", num_classes=5, img_size=32, model_kwargs=TINY_VIT_KWARGS)
     random_adapter(model)
     path = save_export_adapter(model, tmp_path / "a.safetensors", model_name="vit_tiny_patch16_224", num_classes=5, img_size=32, model_kwargs=TINY_VIT_KWARGS)
     assert read_metadata(path) == {"model": "vit_tiny_patch16_224", "num_classes": 5, "img_size": 32, "model_kwargs": TINY_VIT_KWARGS}
@@ -398,10 +408,10 @@ def _cli_runs(request, tmp_path_factory):
     (d / "junk.pth").write_bytes(b"\x00garbage, not a checkpoint")
     (d / "existing.onnx").write_bytes(b"precious")
     (d / "readonly").mkdir(mode=0o500)
-    model, _ = build_model(TINY_VIT.name, num_classes=5, img_size=32, model_kwargs=TINY_VIT_KWARGS)
+    model, _ = zoo.build_model(TINY_VIT.name, num_classes=5, img_size=32, model_kwargs=TINY_VIT_KWARGS)
     random_adapter(model, rank=2)
     save_export_adapter(model, d / "vit.safetensors", model_name=TINY_VIT.name, num_classes=5, img_size=32, model_kwargs=TINY_VIT_KWARGS)
-    resnet, _ = build_model("resnet18", num_classes=4, model_kwargs={"layers": (1, 1, 1, 1)})
+    resnet, _ = zoo.build_model("resnet18", num_classes=4, model_kwargs={"layers": (1, 1, 1, 1)})
     rlrr.save_adapter(random_adapter(resnet), d / "resnet_plain.safetensors")
     digest = hashlib.sha256((d / "vit.safetensors").read_bytes()).hexdigest()
 
@@ -473,7 +483,7 @@ def test_cli_mismatch_exits_1_with_the_numbers(cli):
         ("unknown_model", 2, ["unknown model 'vit_tiny_patch16_2244'", "Did you mean", "vit_tiny_patch16_224"]),
         ("foreign_adapter", 2, ["does not fit", "conv1"]),
         ("conflicting_model", 2, ["was made for 'vit_tiny_patch16_224'"]),
-        ("bad_weights", 2, ["cannot read weights file", "junk.pth"]),
+        ("bad_weights", 2, ["cannot read weight file", "junk.pth"]),
         ("missing_folder", 2, ["does not exist"]),
         ("unwritable_folder", 2, ["not writable"]),
         ("unsupported_op", 3, ["rlrr_test.twist", "no ONNX translation"]),

@@ -100,7 +100,8 @@ def _tv_vit_sites(m: nn.Module) -> dict[str, tuple[str, str]]:
 
 FAMILY = {  # preset -> (expected sites, fused q/k/v projections and their chunk count)
     **{n: (_vit_sites, "attn.qkv", 3) for n in ("vit_base_patch16_224", "vit_large_patch16_224", "vit_huge_patch14_224",
-                                                 "vit_tiny_patch16_224", "deit_base_patch16_224", "deit_tiny_patch16_224")},
+                                                 "vit_small_patch16_224", "vit_tiny_patch16_224", "deit_base_patch16_224",
+                                                 "deit_tiny_patch16_224")},
     **{n: (_swin_sites, "attn.qkv", 1) for n in ("swin_base_patch4_window7_224", "swin_tiny_patch4_window7_224")},
     **{n: (lambda m: {k: v for k, v in _by_type(m, "fc").items() if v[0] == "conv"}, None, 0) for n in ("resnet18", "resnet50")},
     **{n: (lambda m: _by_type(m, "head.fc"), None, 0) for n in ("convnext_base", "convnext_atto")},
@@ -139,6 +140,12 @@ def test_placement_on_tiny_twin(name):
     assert model(sample(model)).shape == (2, NUM_CLASSES)
     record = zoo.build_record(model)
     assert (record.preset, record.num_classes, record.rank, record.tiny) == (name, NUM_CLASSES, preset.rank, True)
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_declared_head_is_the_classifier_the_zoo_finds(name):
+    """A preset's trained-in-full head is the module `zoo.classifier_name` finds (weights, export, zoo.plan use it)."""
+    assert zoo.get_preset(name).placement.trainable == (zoo.classifier_name(tiny_base(name)),)
 
 
 # --- budgets --------------------------------------------------------------------------------------

@@ -16,8 +16,8 @@ from pathlib import Path
 from torch import nn
 
 import rlrr
-from rlrr.errors import ConfigError
 from zoo.errors import AdapterMetadataError, RandomWeightsWarning, WeightsFileError, user_stacklevel
+from zoo.models import create
 from zoo.presets import Preset, get_preset
 from zoo.weights import load_into, load_via_timm, read_state_dict
 
@@ -65,20 +65,13 @@ def _model_kwargs(preset: Preset, img_size: int | None, tiny: bool, model_kwargs
 
 
 def _create(preset: Preset, builder: str, num_classes: int, kwargs: dict, overlay: dict | None = None) -> nn.Module:
-    if preset.library == "timm":
-        import timm
+    if overlay is None:
+        return create(preset.library, builder, num_classes=num_classes, **kwargs)
+    import timm
 
-        if overlay is None:
-            return timm.create_model(builder, pretrained=False, num_classes=num_classes, **kwargs)
-        # the pretrained tag (e.g. ".orig_in21k") picks timm's checkpoint filter for that source
-        name = preset.weights if builder == preset.arch else builder
-        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, num_classes=num_classes, **kwargs)
-    import torchvision
-
-    fn = getattr(torchvision.models, builder)
-    if isinstance(fn, type):  # a model class (the twin of torchvision's ViT), not a builder function
-        return fn(num_classes=num_classes, **kwargs)
-    return fn(weights=None, num_classes=num_classes, **kwargs)
+    # the pretrained tag (e.g. ".orig_in21k") picks timm's checkpoint filter for that source
+    name = preset.weights if builder == preset.arch else builder
+    return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, num_classes=num_classes, **kwargs)
 
 
 def _choose_loader(preset: Preset, weights: Path, loader: str) -> str:
@@ -107,7 +100,7 @@ def build_base(
     """
     preset = get_preset(name)
     if loader not in LOADERS:
-        raise ConfigError(f"loader must be one of {LOADERS}, got {loader!r}")
+        raise rlrr.ConfigError(f"loader must be one of {LOADERS}, got {loader!r}")
     num_classes = preset.num_classes if num_classes is None else num_classes
     builder = _builder_name(preset, tiny)
     kwargs, img = _model_kwargs(preset, img_size, tiny, model_kwargs)
@@ -128,7 +121,7 @@ def build_base(
             model = _create(preset, builder, num_classes, kwargs)
             hint = ("Original-format checkpoints (Google .npz, Microsoft Swin, Facebook DeiT/ConvNeXt .pth) load with loader='timm'"
                     if preset.library == "timm" else "")
-            load_into(model, state, head, str(path), target, hint)
+            load_into(model, state, head=head, source=str(path), target=target, hint=hint)
     _record(model, BuildRecord(preset.name, preset.library, builder, num_classes, img, tiny, dict(model_kwargs),
                                None if weights is None else Path(weights).name))
     return model

@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 from pathlib import Path
 
-from rlrr.errors import RLRRError
+from rlrr import RLRRError
 
 
 class ZooError(RLRRError):
@@ -16,8 +16,15 @@ class UnknownPresetError(ZooError, LookupError):
     """A preset name the zoo does not have."""
 
 
-class WeightsFileError(ZooError, OSError):
-    """A weight file is missing, unreadable, or in a format this route cannot read."""
+class UnknownModelError(ZooError, ValueError):
+    """A model name that neither timm nor torchvision (nor an importable builder) knows, or whose build failed."""
+
+
+class WeightsFileError(ZooError, OSError, ValueError):
+    """A weight file is missing, unreadable, or in a format this route cannot read.
+
+    Also a ValueError, so callers that catch a bad weight file as a ValueError keep working.
+    """
 
 
 class WeightsMismatchError(ZooError, ValueError):

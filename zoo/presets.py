@@ -24,7 +24,7 @@ class Placement:
     """Where RLRR, SSF and full training go in one family."""
 
     targets: tuple[str, ...]  # RLRR sites: "re:" full-match regexes on site names (rlrr.targets)
-    trainable: tuple[str, ...]  # modules trained in full and never adapted: the classifier head
+    trainable: tuple[str, ...]  # modules trained in full and never adapted: the classifier head (zoo.classifier_name)
     ssf: tuple[str, ...] = ()  # linear/conv sites given an SSF scale and shift of their outputs instead
     fused_chunks: bool = True  # True: q, k, v of a fused qkv counted as separate layers (one S_left each)
 
@@ -108,7 +108,7 @@ CONVNEXT = Placement(  # not in the paper: every conv and linear as RLRR, every 
 TV_VIT = Placement(  # torchvision's ViT, placed as the official ViT code: in_proj carries q, k, v chunks
     targets=(r"re:encoder\.layers\.encoder_layer_\d+\.(self_attention\.(in_proj|out_proj)|mlp\.[03]|ln_[12])",
              r"re:encoder\.ln"),
-    trainable=("heads",),
+    trainable=("heads.head",),  # the Linear inside the `heads` Sequential
     ssf=(r"re:conv_proj",),
     fused_chunks=True,
 )
@@ -156,6 +156,10 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("deit_base_patch16_224", "timm", "deit_base_patch16_224", 224, "img_size", VIT,
            weights="deit_base_patch16_224.fb_in1k", weights_url="https://dl.fbaipublicfiles.com/deit/deit_base_patch16_224-b5f2ef4d.pth",
            tiny=Twin(_VIT_TWIN, 32), note="DeiT-B/16: a timm ViT, the ViT placement."),
+    Preset("vit_small_patch16_224", "timm", "vit_small_patch16_224", 224, "img_size", VIT,
+           weights="vit_small_patch16_224.augreg_in21k",
+           weights_url="https://storage.googleapis.com/vit_models/augreg/S_16-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.0-sd_0.0.npz",
+           tiny=Twin(_VIT_TWIN, 32), note="ViT-S/16, ImageNet-21k (AugReg): the benchmarks' backbone."),
     Preset("convnext_base", "timm", "convnext_base", 224, None, CONVNEXT,
            weights="convnext_base.fb_in22k", weights_url="https://dl.fbaipublicfiles.com/convnext/convnext_base_22k_224.pth",
            tiny=Twin(_CONVNEXT_TWIN, 32), note="ConvNeXt-B, ImageNet-22k: every conv/linear RLRR, LayerNorms SSF-style."),

@@ -17,7 +17,7 @@ import os
 import pickle
 import re
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from zoo.errors import WeightsFileError, WeightsMismatchError, user_stacklevel
+from zoo.models import classifier_name
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 WRAPPERS = ("state_dict", "model", "model_state_dict", "module")  # checkpoint dicts that hold the state dict
@@ -48,7 +49,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except (SafetensorError, pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as e:
-        raise WeightsFileError(f"cannot read {path} (truncated, corrupted, or not a plain tensor file; torch.load runs with weights_only=True): {e}") from e
+        raise WeightsFileError(f"cannot read weight file {path} (truncated, corrupted, or not a plain tensor file; torch.load runs with weights_only=True): {e}") from e
     return _unwrap(obj, path)
 
 
@@ -94,13 +95,31 @@ def mismatch_message(source: str, target: str, missing: list[str], unexpected: l
     return f"{source} is not a checkpoint of {target}: " + "; ".join(parts) + (f". {hint}" if hint else "")
 
 
-def load_into(model: nn.Module, state: dict[str, Tensor], head: Iterable[str], source: str, target: str, hint: str = "") -> list[str]:
-    """Load `state` into `model` strictly, except the `head` modules' keys; returns the head keys skipped.
+def load_into(
+    model: nn.Module,
+    weights: str | os.PathLike | Mapping[str, Tensor],
+    *,
+    head: str | Iterable[str] | None = None,
+    source: str | None = None,
+    target: str | None = None,
+    hint: str = "",
+) -> list[str]:
+    """Load base weights into `model` strictly, except the classifier head; returns the head keys left as built.
 
-    Head keys are skipped (the head keeps its fresh initialisation) when the file's head has
-    another shape than the model's or is absent; any other difference raises WeightsMismatchError.
+    `weights`: a weight file (read by `read_state_dict`) or its tensors, already read. `head`: the
+    head's module names (default: `classifier_name(model)`). Head keys are skipped, and the whole
+    head keeps its fresh initialisation with a warning, when the file's head has another shape than
+    the model's or is absent; any other difference raises WeightsMismatchError naming the keys.
+    `source`/`target` name the file and the model in messages; `hint` is added when keys look renamed.
     """
-    head = tuple(head)
+    if isinstance(weights, Mapping):
+        state, source = dict(weights), source or "the state dict"
+    else:
+        state, source = read_state_dict(weights), source or str(weights)
+    if head is None:
+        head = classifier_name(model) or ()
+    head = (head,) if isinstance(head, str) else tuple(head)
+    target = target or type(model).__name__
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]

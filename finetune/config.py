@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, fields
 
+from adapters import INITS
 from finetune.data import CROPS, PROTOCOLS, Generated
 from finetune.errors import BatchSizeError, RecipeError
 from finetune.recipe import (
@@ -26,7 +27,6 @@ from finetune.recipe import (
 
 AMP = ("auto", "off", "bf16", "fp16")
 PROGRESS = ("auto", "bar", "lines", "none")
-INITS = ("paper", "identity")
 
 
 @dataclass

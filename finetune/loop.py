@@ -366,7 +366,7 @@ def _describe(progress: Progress, cfg, plan, built: Built, model, d, updates: in
     for note in built.notes:
         progress.info(f"  note: {note}")
     tensors, values = distributed.reduced_tensors(model)
-    progress.info(f"adapters: {c['sites']} sites, rank {built.apply_kwargs['rank']}, init {cfg.init}; trainable {c['trainable']:,} values "
+    progress.info(f"adapters: {c['sites']} sites, rank {built.config.rank}, init {cfg.init}; trainable {c['trainable']:,} values "
                   f"= adapters {c['adapter']:,} + head {c['head']:,} of {c['total']:,}; weight decay on {len(groups[0]['params'])} tensors, "
                   f"none on {len(groups[1]['params'])}")
     progress.info(f"data: {plan.data.description}")

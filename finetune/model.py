@@ -19,7 +19,8 @@ class Built:
 
     model: nn.Module
     preset: zoo.Preset
-    apply_kwargs: dict  # the rlrr.apply arguments: the placement, rank and init
+    config: rlrr.RLRRConfig  # how RLRR was applied: the placement's config, rank and init
+    placement: dict  # where: the rlrr.apply targets, trainable and ssf arguments
     notes: list[str]  # what the zoo warned about (random weights, a head left fresh ...)
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -47,12 +48,14 @@ def build_for_training(preset_name: str, num_classes: int, *, weights: str | Non
             notes.append(str(w.message))
         else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    apply_kwargs = {**preset.placement.apply_kwargs(preset.rank if rank is None else rank), "init": init}
+    config = preset.placement.config_for(preset.rank if rank is None else rank, init=init)
+    arguments = preset.placement.arguments(config)
     if targets:
-        apply_kwargs["targets"] = list(targets)
-    rlrr.apply(model, **apply_kwargs)
+        arguments["targets"] = list(targets)
+    rlrr.apply(model, **arguments)
     mean, std, interpolation = _normalisation(model, preset)
-    return Built(model, preset, apply_kwargs, notes, mean, std, interpolation)
+    placement = {k: v for k, v in arguments.items() if k != "config"}
+    return Built(model, preset, config, placement, notes, mean, std, interpolation)
 
 
 def _normalisation(model: nn.Module, preset: zoo.Preset) -> tuple[tuple, tuple, str]:
@@ -88,11 +91,11 @@ def metadata(model: nn.Module, built: Built, classes: list[str], finetune: dict)
     """User metadata of the run's adapter files: the zoo record (what `zoo.from_adapter` and
     `export.onnx --adapter` build from), the classes, the placement and the run's facts."""
     meta = zoo.adapter_metadata(model)
-    meta["rank"] = built.apply_kwargs["rank"]
+    meta["rank"] = built.config.rank
     if meta.get("tiny"):  # the twin's builder arguments, so that a builder that does not know the zoo gets the same model
         meta["model_kwargs"] = {**built.preset.tiny.kwargs, **meta.get("model_kwargs", {})}
     meta["classes"] = list(classes)
-    meta["placement"] = dict(built.apply_kwargs)
+    meta["placement"] = {**built.placement, **built.config.to_dict()}
     meta["finetune"] = finetune
     return meta
 

@@ -7,7 +7,7 @@
     from export import fold; fold(model)      # Eq. 20: a plain model again
 """
 
-from rlrr.api import Removed, apply, plan, remove_rewrite
+from rlrr.api import Removed, apply, apply_plan, plan, remove_rewrite
 from rlrr.config import KINDS, RLRRConfig
 from rlrr.errors import (
     AdapterFileError,
@@ -79,6 +79,7 @@ __all__ = [
     "read_adapter_file",
     "write_adapter_file",
     "apply",
+    "apply_plan",
     "load_adapter",
     "plan",
     "save_adapter",

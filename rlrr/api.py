@@ -118,7 +118,11 @@ def apply(model: nn.Module, targets: Targets = None, *, config: RLRRConfig | Non
 
 
 def apply_plan(model: nn.Module, the_plan: Plan) -> nn.Module:
-    """Carry out a plan made by `plan`/`make_plan` on the same model."""
+    """Carry out a plan made by `rlrr.plan` on the same, still unchanged model (the dry run, then the run)."""
+    if not isinstance(the_plan, Plan):
+        raise ConfigError(f"apply_plan takes the Plan that rlrr.plan returned, got {type(the_plan).__name__}")
+    if adapters_of(model):
+        raise AlreadyAdaptedError(f"{type(model).__name__} already carries RLRR adapters: a plan applies to the unchanged model it was made for")
     if the_plan.not_analysed:
         parts = ", ".join(n or "<model>" for n, _ in the_plan.not_analysed[:5])
         warnings.warn(f"rlrr: fx could not trace {len(the_plan.not_analysed)} part(s) of {type(model).__name__} ({parts}); their layers were found by type", stacklevel=3)

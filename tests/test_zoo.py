@@ -186,7 +186,7 @@ def test_head_averaging_equals_a_direct_plan(name, num_classes, rank):
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore", zoo.RandomWeightsWarning)
         model = zoo.build_base(name, num_classes)
-    plan = rlrr.plan(model, **preset.placement.apply_kwargs(rank))
+    plan = rlrr.plan(model, **preset.placement.arguments(preset.placement.config_for(rank)))
     a, b = params._head_line(name)
     adapter, _ = params._adapters(name, rank)
     assert plan.adapter_parameters + plan.trainable_parameters == adapter + a + b * num_classes

@@ -145,7 +145,7 @@ def build(
     preset = get_preset(name)
     rank = preset.rank if rank is None else rank
     model = build_base(preset, num_classes, weights, img_size=img_size, loader=loader, tiny=tiny, **model_kwargs)
-    rlrr.apply(model, **preset.placement.apply_kwargs(rank))
+    rlrr.apply(model, **preset.placement.arguments(preset.placement.config_for(rank)))
     _record(model, BuildRecord(**{**asdict(getattr(model, RECORD)), "rank": rank}))
     return model
 

@@ -114,7 +114,8 @@ def _head_line(name: str) -> tuple[int, int]:
 @lru_cache(maxsize=None)
 def _adapters(name: str, rank: int) -> tuple[int, tuple[tuple[str, int], ...]]:
     """Adapter parameters and site counts of the preset's placement at `rank` (one plan)."""
-    plan = rlrr.plan(_meta_one(name), **get_preset(name).placement.apply_kwargs(rank))
+    placement = get_preset(name).placement
+    plan = rlrr.plan(_meta_one(name), **placement.arguments(placement.config_for(rank)))
     return plan.adapter_parameters, tuple(plan.counts().items())
 
 

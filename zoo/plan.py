@@ -28,11 +28,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot build model {args.model!r}: {e}", file=sys.stderr)
         return 2
     head = classifier_name(model)
-    options = {"rank": args.rank, "fused_chunks": not args.no_fused_chunks, "trainable": head or ()}
     try:
-        plan = rlrr.plan(model, args.targets, **options)
+        config = rlrr.RLRRConfig(rank=args.rank, fused_chunks=not args.no_fused_chunks)
         start = time.perf_counter()
-        rlrr.apply(model, args.targets, **options)
+        plan = rlrr.plan(model, args.targets, config=config, trainable=head or ())
+        rlrr.apply_plan(model, plan)
         seconds = time.perf_counter() - start
     except rlrr.RLRRError as e:
         print(f"error: {e}", file=sys.stderr)

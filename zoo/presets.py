@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+
+import rlrr
 
 from zoo.errors import UnknownPresetError
 
@@ -26,12 +28,15 @@ class Placement:
     targets: tuple[str, ...]  # RLRR sites: "re:" full-match regexes on site names (rlrr.targets)
     trainable: tuple[str, ...]  # modules trained in full and never adapted: the classifier head (zoo.classifier_name)
     ssf: tuple[str, ...] = ()  # linear/conv sites given an SSF scale and shift of their outputs instead
-    fused_chunks: bool = True  # True: q, k, v of a fused qkv counted as separate layers (one S_left each)
+    config: rlrr.RLRRConfig = rlrr.RLRRConfig()  # how (fused_chunks: q, k, v as separate layers); the rank is the preset's
 
-    def apply_kwargs(self, rank: int) -> dict:
-        """Keyword arguments of `rlrr.apply`/`rlrr.plan` for this placement."""
-        return {"targets": list(self.targets), "rank": rank, "fused_chunks": self.fused_chunks,
-                "trainable": list(self.trainable), "ssf": list(self.ssf) or None}
+    def config_for(self, rank: int, **changes) -> rlrr.RLRRConfig:
+        """This placement's config at `rank`, with other fields changed (`init=...`)."""
+        return replace(self.config, rank=rank, **changes)
+
+    def arguments(self, config: rlrr.RLRRConfig) -> dict:
+        """Arguments of `rlrr.apply`/`rlrr.plan` for this placement with `config`."""
+        return {"targets": list(self.targets), "config": config, "trainable": list(self.trainable), "ssf": list(self.ssf) or None}
 
 
 @dataclass(frozen=True)
@@ -78,7 +83,7 @@ class Preset:
                 f"(weights=path) the model has random weights\n"
                 f"  RLRR targets: {', '.join(self.placement.targets)}\n"
                 f"  SSF: {', '.join(self.placement.ssf) or '-'}; trained in full: {', '.join(self.placement.trainable)}; "
-                f"fused q/k/v chunks: {self.placement.fused_chunks}\n"
+                f"fused q/k/v chunks: {self.placement.config.fused_chunks}\n"
                 f"  paper budgets: {paper}")
 
 
@@ -88,13 +93,13 @@ VIT = Placement(  # official ViT code: separate q, k, v, out, fc1, fc2; SSF on n
     targets=(r"re:blocks\.\d+\.(attn\.(qkv|proj)|mlp\.fc[12]|norm[12])", r"re:norm"),
     trainable=("head",),
     ssf=(r"re:patch_embed\.proj",),
-    fused_chunks=True,
+    config=rlrr.RLRRConfig(fused_chunks=True),
 )
 SWIN = Placement(  # official Swin code: fused qkv with one shared S_left; SSF on block norms + final norm
     targets=(r"re:layers\.\d+\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.fc[12]|norm[12])",
              r"re:layers\.\d+\.downsample\.reduction", r"re:norm"),
     trainable=("head.fc",),
-    fused_chunks=False,
+    config=rlrr.RLRRConfig(fused_chunks=False),
 )
 RESNET = Placement(  # App. G: every conv, kernel flattening; BatchNorm is not an RLRR site
     targets=(r"re:conv1", r"re:layer\d\.\d+\.(conv[123]|downsample\.0)"),
@@ -110,7 +115,7 @@ TV_VIT = Placement(  # torchvision's ViT, placed as the official ViT code: in_pr
              r"re:encoder\.ln"),
     trainable=("heads.head",),  # the Linear inside the `heads` Sequential
     ssf=(r"re:conv_proj",),
-    fused_chunks=True,
+    config=rlrr.RLRRConfig(fused_chunks=True),
 )
 
 # --- twins: tiny models of each family (tests build them in milliseconds) -----------------------

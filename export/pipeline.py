@@ -333,7 +333,8 @@ def _build_preset(spec: ModelSpec) -> tuple[nn.Module, ModelInfo]:
 
 def _adapt(model: nn.Module, adapter, adapted: bool, seed: int, rank: int) -> AdapterInfo:
     if adapter is not None:
-        rlrr.load_adapter(model, adapter)
+        head = zoo.classifier_name(model)
+        rlrr.load_adapter(model, adapter, trainable=[head] if head else [])
         info = AdapterInfo("file", f"adapter file {adapter}")
     elif adapted:
         info = AdapterInfo("model", "adapters already in the model")

@@ -38,7 +38,9 @@ from rlrr.multi import (
     set_active,
 )
 from rlrr.sites import Plan, Site, Skipped
-from rlrr.state import AdapterSet, adapter_state, atomic_write, load_adapter, read_adapter_file, save_adapter, write_adapter_file
+from rlrr.adapter_file import AdapterSet, atomic_write, read_adapter_file, write_adapter_file
+from rlrr.state import adapter_state, load_adapter, save_adapter
+from rlrr.targets import declared_classifier
 
 __all__ = [
     "AdaptedTensor",
@@ -51,6 +53,7 @@ __all__ = [
     "active_adapters",
     "add_adapter",
     "combine",
+    "declared_classifier",
     "delete_adapter",
     "disable_adapters",
     "get_adapter",

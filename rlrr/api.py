@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import warnings
 from collections.abc import Callable, Iterable
@@ -16,7 +15,7 @@ from rlrr.errors import AlreadyAdaptedError, ConfigError, InvalidRankError, NoMa
 from rlrr.inject import attach
 from rlrr.rewrite import AdaptedTensor, adapters_of, is_rewritten, remove
 from rlrr.sites import BIAS_ABSENT, Plan, Site, Skipped, effective_chunks, rescale_class
-from rlrr.targets import Targets, select
+from rlrr.targets import Targets, resolve_trainable, select
 from rlrr.chunks import Chunks
 from rlrr.trace import discover
 
@@ -25,20 +24,6 @@ logger = logging.getLogger("rlrr")
 
 def _count(params: Iterable[nn.Parameter]) -> int:
     return sum(p.numel() for p in {id(p): p for p in params}.values())
-
-
-def resolve_trainable(model: nn.Module, trainable: str | Iterable[str]) -> list[str]:
-    """Module names (exact or fnmatch globs) to train in full, e.g. the classifier head."""
-    names = [trainable] if isinstance(trainable, str) else list(trainable)
-    modules = dict(model.named_modules())
-    resolved: list[str] = []
-    for name in names:
-        hits = [n for n in modules if n and (n == name or fnmatch.fnmatchcase(n, name))]
-        if not hits:
-            children = ", ".join(n for n, _ in model.named_children())
-            raise ConfigError(f"trainable module {name!r} not found; the model's top-level modules are: {children}")
-        resolved += [h for h in hits if not any(h == r or h.startswith(r + ".") for r in resolved)]
-    return resolved
 
 
 def _under(path: str, roots: list[str]) -> bool:
@@ -66,6 +51,9 @@ def make_plan(model: nn.Module, targets: Targets, config: RLRRConfig, trainable:
     trained = resolve_trainable(model, trainable)
     foreign = [s for s in found.sites if is_rewritten(model.get_submodule(s.module), s.weight)]
     candidates = [s for s in found.sites if not _under(s.module, trained) and s not in foreign]
+    if not candidates:
+        raise NoMatchingTargetsError(f"nothing left to adapt in {type(model).__name__}: every site is inside a module trained in full "
+                                     f"({', '.join(trained) or 'none'}) or already carries another parametrization")
     try:
         selected = select(candidates, targets, model)
     except NoMatchingTargetsError as e:

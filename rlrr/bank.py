@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from rlrr.state import AdapterSet
+from rlrr.adapter_file import AdapterSet
 
 _ATTRIBUTE = "_rlrr_adapter_bank"  # in the model's __dict__: not a submodule, not in the state dict
 

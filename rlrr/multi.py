@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -25,10 +26,22 @@ from rlrr.config import RLRRConfig
 from rlrr.errors import AdapterMismatchError, ConfigError, UnknownAdapterError
 from rlrr.inject import detach
 from rlrr.rewrite import adapters_of
-from rlrr.state import AdapterSet, adapter_state, install, read_adapter_file, write_adapter_file
+from rlrr.adapter_file import AdapterSet, read_adapter_file, write_adapter_file
+from rlrr.state import adapter_state, allowed_modules, check_trained, install
 
 DEFAULT = "default"
 METHODS = ("linear", "concat")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a name is never a path: no separators, no leading dot
+
+
+def check_name(name: object, taken: Iterable[str]) -> str:
+    """A new adapter name: a plain string of letters, digits, '.', '_', '-', unique regardless of case."""
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise ConfigError(f"adapter names are 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit; got {name!r}")
+    clash = next((n for n in taken if n.lower() == name.lower()), None)
+    if clash is not None:
+        raise ConfigError(f"an adapter named {clash!r} already exists (names are unique regardless of case); delete it first or pick another name")
+    return name
 
 
 def _bank(model: nn.Module) -> Bank:
@@ -52,6 +65,8 @@ def _sync(model: nn.Module, bank: Bank) -> None:
 
 def _known(bank: Bank, names: Iterable[str]) -> list[str]:
     names = list(names)
+    if not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"adapter names are strings, got {names!r}")
     unknown = [n for n in names if n not in bank.sets]
     if unknown:
         raise UnknownAdapterError(f"no adapter named {unknown}; this model has {sorted(bank.sets) or 'none'}")
@@ -94,17 +109,25 @@ def get_adapter(model: nn.Module, name: str) -> AdapterSet:
     return bank.sets[_known(bank, [name])[0]]
 
 
+def _vetted(model: nn.Module, state: AdapterSet, source: str, trainable) -> AdapterSet:
+    """A state from a file, with the modules the caller lets its trained tensors set (checked now)."""
+    allowed = allowed_modules(model, state, trainable)
+    check_trained(model, state, allowed, source)
+    return replace(state, trainable=tuple(allowed))
+
+
 def add_adapter(model: nn.Module, name: str, targets=None, *, path: str | os.PathLike | None = None,
                 config: RLRRConfig | None = None, trainable=(), ssf=None, chunks=None, **options) -> nn.Module:
     """Add a named adapter, not active: fresh (`targets` and `apply`'s arguments) or from a file.
 
-    A model without a live adapter makes the new one active, as `apply` would.
+    From a file, `trainable` names the modules whose full tensors the file may set (default: the
+    classifier the model declares); a file never widens that itself. A model without a live
+    adapter makes the new one active, as `apply` would.
     """
     bank = _bank(model)
-    if name in bank.sets:
-        raise ConfigError(f"an adapter named {name!r} already exists; delete it first or pick another name")
+    check_name(name, bank.sets)
     if path is not None:
-        state = read_adapter_file(path)
+        state = _vetted(model, read_adapter_file(path), str(path), None if trainable == () else trainable)
     else:
         config = RLRRConfig.resolve(config, options)
         active = bank.active
@@ -130,6 +153,8 @@ def add_adapter(model: nn.Module, name: str, targets=None, *, path: str | os.Pat
 def set_active(model: nn.Module, names: str | Sequence[str]) -> nn.Module:
     """Make one adapter live, or several (their sum, App. H formula 2)."""
     bank = _bank(model)
+    if not isinstance(names, (str, Iterable)):
+        raise ConfigError(f"set_active takes an adapter name or a list of names, got {names!r}")
     names = (names,) if isinstance(names, str) else tuple(names)
     _known(bank, names)
     if not names:
@@ -168,8 +193,7 @@ def combine(model: nn.Module, names: Sequence[str], weights: Sequence[float] | N
     """
     bank = _bank(model)
     _sync(model, bank)
-    if name in bank.sets:
-        raise ConfigError(f"an adapter named {name!r} already exists; pass another name=")
+    check_name(name, bank.sets)
     bank.sets[name] = combine_sets([bank.sets[n] for n in _known(bank, names)], weights, method)
     return name
 
@@ -203,7 +227,7 @@ def combine_sets(sets: Sequence[AdapterSet], weights: Sequence[float] | None, me
     with torch.no_grad():  # plain leaf tensors: the bank must deep-copy
         combined = _combine_tensors(first, sets, weights, method)
     config = replace(first.config, rank=sum(ranks) if method == "concat" else first.config.rank)
-    return AdapterSet(config, list(first.sites), combined, _combine_trained(sets, weights), dict(first.metadata))
+    return AdapterSet(config, list(first.sites), combined, _combine_trained(sets, weights), dict(first.metadata), first.trainable)
 
 
 def _combine_tensors(first: AdapterSet, sets: Sequence[AdapterSet], weights: list[float], method: str) -> dict[str, torch.Tensor]:
@@ -229,15 +253,34 @@ def _combine_trained(sets: Sequence[AdapterSet], weights: list[float]) -> dict[s
 
 
 def save_adapters(model: nn.Module, folder: str | os.PathLike, names: Sequence[str] | None = None) -> list[Path]:
-    """Write named adapters, one `<name>.safetensors` file each, into an existing folder."""
+    """Write named adapters, one `<name>.safetensors` file each, into an existing folder.
+
+    Names are checked where they enter (`check_name`), so a file name never leaves the folder;
+    unknown names and a missing folder are refused before any file is written.
+    """
     bank = _bank(model)
-    _sync(model, bank)
+    chosen = _known(bank, list(bank.sets) if names is None else ([names] if isinstance(names, str) else list(names)))
     folder = Path(folder)
-    return [write_adapter_file(folder / f"{n}.safetensors", bank.sets[n]) for n in _known(bank, names or list(bank.sets))]
+    if not folder.is_dir():
+        raise ConfigError(f"save_adapters writes into an existing folder; {folder} is not one")
+    _sync(model, bank)
+    return [write_adapter_file(folder / f"{n}.safetensors", bank.sets[n]) for n in chosen]
 
 
-def load_adapters(model: nn.Module, paths: Iterable[str | os.PathLike]) -> nn.Module:
-    """Add adapter files as named adapters (named after the file's stem)."""
-    for p in paths:
-        add_adapter(model, Path(p).stem, path=p)
+def load_adapters(model: nn.Module, paths: Iterable[str | os.PathLike], *, trainable=None) -> nn.Module:
+    """Add adapter files as named adapters, named after each file's stem; all are read and checked first.
+
+    `trainable`: as for `add_adapter` from a file.
+    """
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    bank = _bank(model)
+    names = [Path(p).stem for p in paths]
+    taken = list(bank.sets)
+    for n in names:
+        taken.append(check_name(n, taken))
+    states = [_vetted(model, read_adapter_file(p), str(p), trainable) for p in paths]
+    for n, state in zip(names, states):
+        bank.sets[n] = state
+    if not bank.active and names:
+        set_active(model, names[0])
     return model

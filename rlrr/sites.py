@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from adapters import ChannelScaleShift, ConvRescale, LinearRescale, NormScaleShift
 from rlrr.config import RLRRConfig
+from rlrr.errors import ConfigError
 
 # A site's bias: read by its op, absent but addable (a torch.nn layer's None bias), or absent.
 BIAS_PRESENT, BIAS_CREATABLE, BIAS_ABSENT = "present", "creatable", "absent"
@@ -34,8 +35,39 @@ class Site:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Site":
-        return cls(**{**data, "shape": tuple(data["shape"])})
+    def from_dict(cls, data: object) -> Site:
+        """A site from its stored form, every field type- and value-checked (files are untrusted)."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"a site must be a JSON object, got {type(data).__name__}")
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(map(str, data)) - set(known))
+        missing = sorted(n for n, f in known.items() if f.default is MISSING and n not in data)
+        if unknown or missing:
+            raise ConfigError(f"site {data.get('name')!r}: unknown fields {unknown}, missing fields {missing}")
+        values = {**data, "shape": tuple(data["shape"]) if isinstance(data["shape"], list) else data["shape"]}
+        for name, kinds in _FIELD_TYPES.items():
+            if name in values and not isinstance(values[name], kinds) or isinstance(values.get(name), bool) and bool not in kinds:
+                raise ConfigError(f"site {data.get('name')!r}: {name} has type {type(values[name]).__name__}")
+        site = cls(**values)
+        problems = [what for what, bad in (
+            (f"kind {site.kind!r}", site.kind not in ("linear", "conv", "norm")),
+            (f"method {site.method!r}", site.method not in ("rlrr", "ssf") or site.method == "ssf" and site.kind == "norm"),
+            (f"bias_state {site.bias_state!r}", site.bias_state not in (BIAS_PRESENT, BIAS_CREATABLE, BIAS_ABSENT)),
+            (f"shape {site.shape} for a {site.kind}", any(type(n) is not int or n < 1 for n in site.shape)
+             or not {"linear": 2 <= len(site.shape) <= 2, "conv": 3 <= len(site.shape) <= 5}.get(site.kind, 1 <= len(site.shape) <= 5)),
+            (f"chunks {site.chunks}", site.chunks < 1 or site.kind != "linear" and site.chunks != 1),
+            ("an empty name", not site.name or "\0" in site.name),
+        ) if bad]
+        if problems:
+            raise ConfigError(f"site {site.name!r} is not a valid site: {', '.join(problems)}")
+        return site
+
+
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "name": (str,), "kind": (str,), "module": (str,), "weight": (str,), "bias": (str, type(None)), "bias_state": (str,),
+    "shape": (tuple,), "op": (str,), "chunks": (int,), "found_by": (str,), "weight_missing": (bool,), "method": (str,),
+    "chunks_from": (str,), "bias_note": (str,),
+}
 
 
 @dataclass(frozen=True)

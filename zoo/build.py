@@ -204,6 +204,6 @@ def from_adapter(path: str | os.PathLike, weights: str | os.PathLike | None = No
             warnings.simplefilter("ignore", RandomWeightsWarning)  # said once above
         model = build_base(preset, user["num_classes"], weights, img_size=user["img_size"], loader=loader, tiny=tiny,
                            **user.get("model_kwargs", {}))
-    rlrr.load_adapter(model, path)
+    rlrr.load_adapter(model, path, trainable=list(preset.placement.trainable))
     _record(model, BuildRecord(**{**asdict(getattr(model, RECORD)), "rank": config.rank}))
     return model

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+import rlrr
+
 from zoo.errors import UnknownModelError
 
 PREFIXES = {"timm": "timm", "torchvision": "torchvision", "tv": "torchvision"}  # name prefix -> library
@@ -162,10 +164,8 @@ def classifier_name(model: nn.Module) -> str | None:
 
     None when the model has no head (timm's `num_classes=0` leaves an nn.Identity there).
     """
-    modules = dict(model.named_modules())
     cfg = getattr(model, "pretrained_cfg", None) or {}
-    named = cfg.get("classifier")
-    if isinstance(named, str):  # timm says which; an nn.Identity there (num_classes=0) is no head
-        return named if named in modules and any(True for _ in modules[named].parameters()) else None
-    linears = [n for n, m in modules.items() if isinstance(m, nn.Linear) and n]
+    if isinstance(cfg.get("classifier"), str):  # timm says which; an nn.Identity there (num_classes=0) is no head
+        return rlrr.declared_classifier(model)
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n]
     return linears[-1] if linears else None

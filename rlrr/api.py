@@ -10,13 +10,13 @@ from dataclasses import dataclass, field, replace
 from torch import nn
 
 from rlrr.bank import forget_bank, holds_named_adapters
+from rlrr.chunks import Chunks
 from rlrr.config import RLRRConfig
 from rlrr.errors import AlreadyAdaptedError, ConfigError, InvalidRankError, NoMatchingTargetsError, TraceError
 from rlrr.inject import attach
 from rlrr.rewrite import AdaptedTensor, adapters_of, is_rewritten, remove
 from rlrr.sites import BIAS_ABSENT, Plan, Site, Skipped, effective_chunks, rescale_class
 from rlrr.targets import Targets, resolve_trainable, select
-from rlrr.chunks import Chunks
 from rlrr.trace import discover
 
 logger = logging.getLogger("rlrr")

@@ -10,9 +10,16 @@ _LAZY = {
     "export_onnx": "export.onnx",
     "export_torchscript": "export.torchscript",
     "ModelSpec": "export.pipeline",
+    "resolve_spec": "export.pipeline",
     "ExportReport": "export.report",
     "random_adapter": "export.adapt",
     "save_export_adapter": "export.adapt",
+    "OnnxExporter": "export.onnx",
+    "QuantOptions": "export.quantize",
+    "Int8Inputs": "export.quantize",
+    "quantize_int8": "export.quantize",
+    "agreement": "export.quantize",
+    "read_images": "export.calibration",
 }
 
 __all__ = ["FoldReport", "fold", "fold_with_report", *_LAZY]

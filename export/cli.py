@@ -89,8 +89,11 @@ def build_parser(prog: str, doc: str, suffix: str, add_arguments: Callable[[argp
     v.add_argument("--no-verify", action="store_true", help="export without comparing outputs (needs no runtime)")
     v.add_argument("--batch-sizes", type=_sizes, default=[1, 4], metavar="B1,B2", help="batch sizes to check (default 1,4)")
     v.add_argument("--inputs", type=int, default=3, metavar="N", help="seeded random inputs per batch size (default 3)")
-    v.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="precision of the exported model (default fp32)")
-    v.add_argument("--tolerance", type=float, metavar="REL", help="max error relative to the output's scale (default 1e-4 fp32, 1e-2 fp16)")
+    v.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
+                   help="precision of the exported model: fp32, fp16; bf16 (TorchScript/.pt2); int8 (ONNX, see the INT8 options) (default fp32)")
+    v.add_argument("--tolerance", type=float, metavar="REL",
+                   help="max error relative to the output's scale (default 1e-4 fp32, scaled up to 4x the model's own fp32-vs-fp64 error "
+                        "when that is larger; 1e-2 fp16; 5e-2 bf16; int8: per module, for locating a failed check, 0.1)")
     v.add_argument("--seed", type=int, default=0, help="seed of random weights, random adapter and inputs (default 0)")
     v.add_argument("--latency-runs", type=_positive, default=20, metavar="N", help="timed runs per model for the latency median; 0 skips it (default 20)")
     v.add_argument("--warmup", type=_positive, default=3, metavar="N", help="untimed runs before timing (default 3)")

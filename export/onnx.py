@@ -23,7 +23,9 @@ from torch import Tensor, nn
 
 from export.errors import ExportError, VerificationError
 from export.files import data_path
+from export.localize import exported_values, module_outputs
 from export.pipeline import ModelSpec, run_export
+from export.quantize import DEFAULT_CALIBRATION_IMAGES, DEFAULT_EVAL_IMAGES, DEFAULT_MIN_AGREEMENT, QuantOptions
 from export.report import ExportReport
 from export.verify import PROVIDERS, Session, make_session, provider_list
 
@@ -89,13 +91,16 @@ class OnnxExporter:
 
     tool = "export.onnx"
     format = "onnx"
+    dtypes = ("fp32", "fp16", "int8")
 
-    def __init__(self, *, opset: int = DEFAULT_OPSET, provider: str = "auto", external_data: str = "auto") -> None:
+    def __init__(self, *, opset: int = DEFAULT_OPSET, provider: str = "auto", external_data: str = "auto",
+                 quantization: QuantOptions | None = None) -> None:
         if provider not in PROVIDERS:
             raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
         if external_data not in EXTERNAL_DATA:
             raise ValueError(f"external_data must be one of {EXTERNAL_DATA}, got {external_data!r}")
         self.opset, self.provider, self.external_data = opset, provider, external_data
+        self.quantization = quantization  # INT8 options (dtype "int8"); None: the defaults
         self.used_external: bool | None = None
 
     def options(self) -> dict:
@@ -150,6 +155,16 @@ class OnnxExporter:
         except Exception as e:
             raise ExportError(f"onnxruntime cannot load the exported file: {type(e).__name__}: {e}") from e
 
+    def intermediates(self, path: Path, modules: dict, x: Tensor, reference: Path | None = None) -> dict:
+        """Each module's output in the file at `path` on `x`, found through the exporter's name scopes
+        in `reference` (the fp32 export; a QDQ file keeps its value names), see export.localize."""
+        import onnx
+
+        graph = onnx.load(str(reference or path), load_external_data=False).graph
+        mapping = {m: v for m, v in module_outputs(graph).items() if m in modules}
+        values = exported_values(path, sorted(set(mapping.values())), x.detach().cpu().numpy(), lambda p: make_session(p, self.provider).session)
+        return {m: values[v] for m, v in mapping.items() if v in values}
+
 
 def export_onnx(
     model: nn.Module | ModelSpec | str | None,
@@ -172,6 +187,11 @@ def export_onnx(
     force: bool = False,
     keep_on_fail: bool = False,
     progress=None,
+    calibration: str | os.PathLike | None = None,
+    calibration_images: int = DEFAULT_CALIBRATION_IMAGES,
+    eval_images: int = DEFAULT_EVAL_IMAGES,
+    keep_fp32: Sequence[str] = (),
+    min_agreement: float = DEFAULT_MIN_AGREEMENT,
 ) -> ExportReport:
     """Fold `model`'s RLRR adapters, export ONNX to `out`, verify it in onnxruntime, write `out.json`.
 
@@ -186,8 +206,17 @@ def export_onnx(
     (0 skips it). Returns the report; raises VerificationError past tolerance (file removed
     unless `keep_on_fail`), ExportError, MissingRuntimeError (onnxruntime absent and `verify`),
     OutputError, and rlrr's errors for bad models or adapter files.
+
+    `dtype="int8"`: the fp32 export is quantized (export.quantize) with `calibration_images` from
+    `calibration` (a folder, export.calibration; None: seeded random inputs, warned), modules matching
+    `keep_fp32` (fnmatch globs on module names) stay float, and the check is top-1 agreement with the
+    unmerged fp32 model on `eval_images` held-out inputs: it passes at `min_agreement` or above.
     """
-    exporter = OnnxExporter(opset=opset, provider=provider, external_data=external_data)
+    quantization = None
+    if dtype == "int8":
+        quantization = QuantOptions(None if calibration is None else str(calibration), int(calibration_images), int(eval_images),
+                                    tuple(keep_fp32), float(min_agreement))
+    exporter = OnnxExporter(opset=opset, provider=provider, external_data=external_data, quantization=quantization)
     return run_export(
         model, out, exporter, adapter=adapter, input_shape=input_shape, dtype=dtype, batch_sizes=batch_sizes,
         inputs_per_batch=inputs_per_batch, seed=seed, rank=rank, tolerance=tolerance, verify=verify,
@@ -202,10 +231,54 @@ def _add_arguments(parser) -> None:
                        help="onnxruntime provider for verification and latency: auto = CUDA where onnxruntime-gpu and a GPU are present, else CPU (default auto)")
     group.add_argument("--external-data", choices=EXTERNAL_DATA, default="auto",
                        help="write weights to OUT.data: auto = only above ONNX's 2 GB single-file limit (default auto)")
+    q = parser.add_argument_group("INT8 (--dtype int8: static QDQ quantization with onnxruntime, checked by top-1 agreement)")
+    q.add_argument("--calibration", metavar="DIR", help="calibration images: an ImageFolder tree or the fine-tuning data layout; "
+                   "held-out images (test/val split) check agreement (default: seeded random inputs, which say little)")
+    q.add_argument("--calibration-images", type=_count, default=DEFAULT_CALIBRATION_IMAGES, metavar="N",
+                   help=f"images that set the activation ranges (default {DEFAULT_CALIBRATION_IMAGES})")
+    q.add_argument("--eval-images", type=_count, default=DEFAULT_EVAL_IMAGES, metavar="N",
+                   help=f"held-out images the agreement is measured on (default {DEFAULT_EVAL_IMAGES})")
+    q.add_argument("--keep-fp32", action="append", default=[], metavar="GLOB",
+                   help="keep the modules matching GLOB (module names, e.g. 'blocks.11.mlp.fc2' or 'head') in float; repeatable")
+    q.add_argument("--min-agreement", type=_fraction, default=None, metavar="F",
+                   help=f"top-1 agreement with the unmerged fp32 model needed to pass, in [0, 1] (default {DEFAULT_MIN_AGREEMENT})")
+
+
+def _fraction(text: str) -> float:
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be within [0, 1] (a fraction of inputs, 0.99 = 99 %), got {text}")
+    return value
+
+
+def _count(text: str) -> int:
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
 
 
 def _make_exporter(args) -> OnnxExporter:
-    return OnnxExporter(opset=args.opset, provider=args.provider, external_data=args.external_data)
+    quantization = None
+    int8_only = {"--calibration": args.calibration is not None, "--keep-fp32": bool(args.keep_fp32), "--min-agreement": args.min_agreement is not None}
+    if args.dtype == "int8":
+        quantization = QuantOptions(args.calibration, args.calibration_images, args.eval_images, tuple(args.keep_fp32),
+                                    DEFAULT_MIN_AGREEMENT if args.min_agreement is None else args.min_agreement)
+    elif any(int8_only.values()):
+        from rlrr import ConfigError
+
+        raise ConfigError(f"{', '.join(k for k, v in int8_only.items() if v)} only apply to --dtype int8 (got --dtype {args.dtype})")
+    return OnnxExporter(opset=args.opset, provider=args.provider, external_data=args.external_data, quantization=quantization)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

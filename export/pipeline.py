@@ -27,14 +27,18 @@ from torch import Tensor, nn
 import rlrr
 import zoo
 from export.adapt import AdapterInfo, describe_random, random_adapter, read_metadata
+from export.diagnose import diagnose
 from export.errors import VacuousCheckWarning, VerificationError
 from export.files import Staging, report_path
 from export.fold import fold_with_report
+from export.localize import capture_probes
+from export.quantize import QuantOptions, agreement, prepare, quantize_int8
 from export.report import ExportReport, Latency, ModelInfo
 from export.verify import DEFAULT_TOLERANCE, compare, flatten, make_inputs, median_latency, paired_latency, reference_outputs, sample_independent
 from export.wake import wake
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+# int8 is exported as fp32, then quantized (export.quantize); an exporter lists the dtypes it writes (`Exporter.dtypes`)
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.float32}
 Progress = Callable[[str, "float | None"], None]  # (step text, None at start / seconds at the end)
 
 
@@ -104,6 +108,7 @@ class Exporter(Protocol):
 
     tool: str
     format: str
+    dtypes: tuple[str, ...]  # the DTYPES it can write
 
     def options(self) -> dict: ...
 
@@ -116,6 +121,10 @@ class Exporter(Protocol):
     def check(self, path: Path) -> None: ...
 
     def load(self, path: Path) -> Runner: ...
+
+    def intermediates(self, path: Path, modules: dict[str, Tensor], x: Tensor, reference: Path | None = None) -> dict[str, Tensor]:
+        """The exported file's own value of each module's output on `x` (export.localize), where it can tell."""
+        ...
 
 
 class Steps:
@@ -196,14 +205,21 @@ def run_export(
     `rlrr.save_adapter`), else from the model if it is already adapted, else it is a seeded
     random one (said in the report). Writes `out` (and `out.json`, the report) atomically, only
     when verification passed or `keep_on_fail`; raises VerificationError (with the report) when
-    outputs differ past `tolerance`. See `export.onnx.export_onnx` for the options.
+    outputs differ past `tolerance` (INT8: top-1 agreement below its minimum), with the modules where
+    the export departs (`report.divergence`). See `export.onnx.export_onnx` for the options.
     """
     if dtype not in DTYPES:
         raise rlrr.ConfigError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+    writes = getattr(exporter, "dtypes", ("fp32", "fp16"))
+    if dtype not in writes:
+        raise rlrr.ConfigError(f"{exporter.format} export writes {', '.join(writes)}, not {dtype}" +
+                               (": INT8 is ONNX's (python -m export.onnx --dtype int8)" if dtype == "int8" else ""))
+    int8 = dtype == "int8"
     batch_sizes = [int(b) for b in batch_sizes]
     if not batch_sizes or min(batch_sizes) < 1 or inputs_per_batch < 1:
         raise rlrr.ConfigError(f"batch sizes must be >= 1 and inputs per batch >= 1, got {batch_sizes} and {inputs_per_batch}")
     spec = resolve_spec(model, adapter=adapter) if model is None or isinstance(model, str) else model if isinstance(model, ModelSpec) else None
+    fixed = tolerance is None  # the default may scale with the model's fp32 conditioning (export.diagnose)
     tolerance = DEFAULT_TOLERANCE[dtype] if tolerance is None else float(tolerance)
     out = Path(out)
     staging = Staging(out, companions=[report_path(out), *exporter.companions(out)], inputs=[adapter, spec.weights if spec else None], force=force)
@@ -212,14 +228,16 @@ def run_export(
         if verify:
             exporter.require_runtime()
         adapted = spec is None and bool(rlrr.adapters_of(model))
-        timed = verify and latency_runs > 0 and not adapted
-        steps = Steps(progress, 5 + (spec is not None) + timed + verify + (verify and latency_runs > 0))
+        timed = verify and latency_runs > 0 and not adapted and not int8  # INT8 is timed against its own fp32 export
+        steps = Steps(progress, 5 + (spec is not None) + timed + verify + (verify and latency_runs > 0) + int8)
         if spec is not None:
             with steps(f"building {spec.name}" + (f" and loading {spec.weights}" if spec.weights else "")):
                 model, info = _build(spec, seed)
         else:
             info = info or ModelInfo(name=type(model).__name__)
         shape = tuple(input_shape) if input_shape is not None else zoo.input_size(model, *((spec.img_size, spec.model_kwargs) if spec else ()))
+        quant = (getattr(exporter, "quantization", None) or QuantOptions()) if int8 else None
+        int8_inputs = prepare(model, shape, quant, seed=seed, batch=max(batch_sizes)) if int8 else None
         run = _Run(model.eval(), exporter, staging, shape, DTYPES[dtype], seed)
         base_params = None if adapted else _count(model)
         base = model if timed else None  # kept plain for its own export
@@ -234,9 +252,10 @@ def run_export(
         del base
         adapter_params, adapted_params = _adapter_count(run.model), _count(run.model)
 
-        inputs = make_inputs(shape, batch_sizes, inputs_per_batch, seed) if verify else []
+        inputs = (int8_inputs.evaluation if int8 else make_inputs(shape, batch_sizes, inputs_per_batch, seed)) if verify else []
         with steps(f"reference outputs of the unmerged model ({len(inputs)} inputs)"):
             expected = reference_outputs(run.model, inputs)
+            probes = capture_probes(run.model, inputs)  # module outputs of some samples, to say where a failed check departs
         for name in sample_independent(expected, run.names):
             warnings.warn(f"output {name!r} of the unmerged model is the same for every input sample, so the check cannot see "
                           "the weights through it (a zero-initialised head? load trained weights)", VacuousCheckWarning, stacklevel=1)
@@ -245,9 +264,15 @@ def run_export(
             run.model.to(run.dtype).eval()
             created = sum(run.model.get_parameter(n).numel() for n in fold_report.created)
         with steps(f"exporting the folded model to {exporter.format}"):
-            files = run.export(run.model, out.name)
+            files = run.export(run.model, ("fp32." if int8 else "") + out.name)
         with steps(f"checking the {exporter.format} file"):
             exporter.check(files[0])
+        fp32_files, quantized = files, None
+        if int8:
+            with steps(f"quantizing to INT8 (calibration: {int8_inputs.calibration_from})"):
+                quantized = quantize_int8(files[0], staging.path(out.name), int8_inputs, external_data=len(files) > 1)
+                files = [staging.path(out.name)] + [f for f in [staging.path(out.name + ".data")] if f.exists()]
+                exporter.check(files[0])
 
         report = ExportReport(
             tool=exporter.tool, format=exporter.format, out=str(out), model=_model_dict(info), adapter=_adapter_dict(ainfo),
@@ -257,15 +282,25 @@ def run_export(
                         "adapted": adapted_params, "folded": _count(run.model), "created": created},
             files=[str(out.with_name(f.name)) for f in files], size_bytes=sum(f.stat().st_size for f in files),
         )
+        if quantized is not None:
+            report.quantization = {**quantized, "fp32_size_bytes": sum(f.stat().st_size for f in fp32_files)}
         if verify:
             with steps(f"verifying against the unmerged model at batch {', '.join(map(str, batch_sizes))}"):
                 runner = exporter.load(files[0])
                 report.runtime = {"providers": runner.providers, "note": runner.note}
-                report.outputs = compare(expected, [runner.run(run.cast(x)) for x in inputs], run.names)
+                got = [runner.run(run.cast(x)) for x in inputs]
+                report.outputs = compare(expected, got, run.names)
                 report.passed = all(o.passed(tolerance) for o in report.outputs)
+                if int8:
+                    report.agreement = agreement(expected, got, quant.min_agreement)
+                    report.passed = report.agreement["passed"]
+                if not report.passed:  # where it departs; an fp32 default tolerance may scale with the model's conditioning
+                    diagnose(report, run.model, exporter, files[0], fp32_files[0], inputs, expected, got, probes, fixed=fixed, cast=run.cast)
             if latency_runs > 0:
-                with steps(f"latency, folded vs base ({latency_runs} runs after {warmup} warm-up)"):
-                    report.latency = _latency(exporter, runner, base_path if timed else None, run, max(batch_sizes), warmup, latency_runs)
+                with steps(f"latency, {'int8 vs its fp32 export' if int8 else 'folded vs base'} ({latency_runs} runs after {warmup} warm-up)"):
+                    base_path = fp32_files[0] if int8 else base_path if timed else None
+                    report.latency = _latency(exporter, runner, base_path, run, max(batch_sizes), warmup, latency_runs)
+                    report.latency.reference = "fp32 export" if int8 else "base"
         report.timings = {**steps.timings, "total": round(sum(steps.timings.values()), 3)}
         report.warnings = [f"{w.category.__name__}: {w.message}" for w in caught if _ours(w.filename)] + [f"base weights: {n}" for n in info.notes]
         report.kept = report.passed is not False or keep_on_fail
@@ -275,11 +310,12 @@ def run_export(
             staging.commit([*[(f, out.with_name(f.name)) for f in reversed(files)], (staged_json, report_path(out))])
     if report.passed is False:
         worst = max(report.outputs, key=lambda o: o.max_rel)
-        raise VerificationError(
-            f"{exporter.format} output {worst.name!r} differs from the unmerged model: max rel error {worst.max_rel:.3e} "
-            f"(max abs {worst.max_abs:.3e}) > tolerance {tolerance:.1e}" + ("; file kept (keep_on_fail)" if report.kept else "; nothing written"),
-            report,
-        )
+        what = (f"INT8 top-1 agreement with the unmerged fp32 model {report.agreement['top1']:.2%} "
+                f"({report.agreement['agree']}/{report.agreement['samples']}) < min agreement {report.agreement['min_agreement']:.2%}" if int8 else
+                f"{exporter.format} output {worst.name!r} differs from the unmerged model: max rel error {worst.max_rel:.3e} "
+                f"(max abs {worst.max_abs:.3e}) > tolerance {report.tolerance:.1e}")
+        raise VerificationError(what + (f"; {report.first_divergence()}" if report.divergence else "")
+                                + ("; file kept (keep_on_fail)" if report.kept else "; nothing written"), report)
     return report
 
 

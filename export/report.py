@@ -30,6 +30,7 @@ class Latency:
     base_ms: float | None = None
     folded_ms: float | None = None
     note: str = ""
+    reference: str = "base"  # what base_ms timed: the base model's export, or (INT8) the fp32 export of the folded model
 
     @property
     def ratio(self) -> float | None:
@@ -65,6 +66,18 @@ class ExportReport:
     versions: dict = field(default_factory=dict)
     passed: bool | None = None
     kept: bool = True  # False when a failed export was removed
+    quantization: dict | None = None  # INT8: how (export.quantize), what calibrated, fp32 file size
+    agreement: dict | None = None  # INT8: top-1 agreement with the unmerged fp32 model, logits' relative errors
+    conditioning: dict | None = None  # a failed fp32 check: the model's own fp32-vs-fp64 error, the tolerance it allows
+    divergence: list[dict] = field(default_factory=list)  # a failed check: modules past tolerance, in execution order
+    localisation: dict | None = None  # how `divergence` was measured
+
+    def first_divergence(self) -> str:
+        """'first divergence: blocks.3.mlp.fc2, rel err 4.1e-02 (tolerance 1.0e-04)', or ''."""
+        if not self.divergence:
+            return ""
+        d = self.divergence[0]
+        return f"first divergence: {d['module']}, rel err {d['max_rel']:.1e} (tolerance {d['tolerance']:.1e})"
 
     @property
     def verified(self) -> bool:
@@ -88,7 +101,9 @@ class ExportReport:
             f"  base weights : {self.model.get('weights')}",
             f"  adapter      : {self.adapter.get('description')} ({self.adapter.get('sites', 0)} sites)",
             f"  input        : (N, {', '.join(map(str, self.input_shape))}) {self.dtype}, dynamic batch; "
-            f"checked at batch {', '.join(map(str, self.batch_sizes))}, {self.inputs_per_batch} seeded input(s) each (seed {self.seed})",
+            f"checked at batch {', '.join(map(str, self.batch_sizes))}, {self.inputs_per_batch} seeded input(s) each (seed {self.seed})"
+            if self.dtype != "int8" else
+            f"  input        : (N, {', '.join(map(str, self.input_shape))}) fp32 (int8 inside), dynamic batch; checked in batches of {max(self.batch_sizes)}",
         ]
         if self.options:
             lines.append("  export       : " + ", ".join(f"{k} {v}" for k, v in self.options.items()))
@@ -98,12 +113,30 @@ class ExportReport:
                      f"(+{p.get('adapter', 0):,} adapter) | folded {p.get('folded', 0):,}"
                      + (f" (+{p['created']:,} in biases a shift created)" if p.get("created") else ""))
         lines.append(f"  file         : {', '.join(self.files) or self.out} ({_size(self.size_bytes)})" + ("" if self.kept else " [removed]"))
-        if self.verified:
+        if self.quantization:
+            q = self.quantization
+            lines.append(f"  quantized    : {q['format']} {', '.join(q['ops'])}; weights {q['weights']}; activations {q['activations']}"
+                         + (f"; kept in float: {', '.join(q['keep_fp32'])} ({q['nodes_kept_fp32']} nodes)" if q["keep_fp32"] else ""))
+            lines.append(f"  calibration  : {q['calibration']}")
+            ratio = self.size_bytes / q["fp32_size_bytes"] if q.get("fp32_size_bytes") else float("nan")
+            lines.append(f"  size         : int8 {_size(self.size_bytes)}, fp32 export {_size(q.get('fp32_size_bytes', 0))}, int8/fp32 {ratio:.3f}")
+        if self.verified and self.agreement is not None:
+            a = self.agreement
+            lines += ["", f"  agreement    : top-1 {a['top1']:.2%} ({a['agree']}/{a['samples']}) with the unmerged fp32 model, "
+                          f"min {a['min_agreement']:.2%}: {'pass' if a['passed'] else 'FAIL'}",
+                      f"  logits       : relative error mean {a['mean_rel']:.3e}, max {a['max_rel']:.3e} (per sample, against its max |logit|)",
+                      f"  checked on   : {self.quantization['checked_on'] if self.quantization else ''}"]
+        elif self.verified:
             lines += ["", f"  {'output':<16} {'shape':<14} {'max abs err':>12} {'max rel err':>12} {'tolerance':>10}  result"]
             for o in self.outputs:
                 ok = "pass" if o.passed(self.tolerance) else "FAIL"
                 shape = "x".join(map(str, o.shape))
                 lines.append(f"  {o.name:<16} {shape:<14} {o.max_abs:>12.3e} {o.max_rel:>12.3e} {self.tolerance:>10.1e}  {ok}")
+            if self.conditioning:
+                c = self.conditioning
+                worst = max(c["fp32_vs_fp64"].values())
+                lines.append(f"  (tolerance scaled to the model's own fp32 error: PyTorch float32 vs float64 {worst:.1e} x {c['factor']:g}, "
+                             f"above the fixed {c['fixed_tolerance']:.1e})")
             lines.append("  (rel err = max |onnx - unmerged| / max |unmerged|, per output, worst input)" if self.format == "onnx"
                          else "  (rel err = max |exported - unmerged| / max |unmerged|, per output, worst input)")
         else:
@@ -111,7 +144,10 @@ class ExportReport:
         if self.latency is not None:
             lat = self.latency
             lines.append("")
-            if lat.ratio is not None:
+            if lat.ratio is not None and lat.reference != "base":
+                lines.append(f"  latency      : {lat.reference} {lat.base_ms:.2f} ms, {self.dtype} {lat.folded_ms:.2f} ms, {self.dtype}/fp32 {lat.ratio:.3f} "
+                             f"(median of {lat.runs} runs after {lat.warmup} warm-up, batch {lat.batch})")
+            elif lat.ratio is not None:
                 lines.append(f"  latency      : base {lat.base_ms:.2f} ms, folded {lat.folded_ms:.2f} ms, folded/base {lat.ratio:.3f} "
                              f"(median of {lat.runs} runs after {lat.warmup} warm-up, batch {lat.batch})")
             elif lat.folded_ms is not None:
@@ -123,7 +159,16 @@ class ExportReport:
             lines.append(f"  wall time    : {total:.1f} s" if total is not None else "")
         for w in self.warnings:
             lines.append(f"  warning      : {w}")
-        verdict = {True: "PASSED", False: "FAILED: outputs differ past tolerance", None: "exported (not verified)"}[self.passed]
+        if self.divergence:
+            lines.append(f"  {self.first_divergence()}"
+                         + (f"; {len(self.divergence) - 1} more module(s) after it in the report's 'divergence'" if len(self.divergence) > 1 else ""))
+            if self.dtype == "int8":
+                lines.append(f"  (try --keep-fp32 {self.divergence[0]['module']}: that module then runs in float)")
+        elif self.localisation and self.passed is False:
+            largest = ", ".join(f"{d['module']} {d['max_rel']:.1e}" for d in self.localisation.get("largest", []))
+            lines.append(f"  localisation : {self.localisation.get('note') or 'no module output departs past its tolerance; largest: ' + (largest or '-')}")
+        failed = "FAILED: top-1 agreement below the minimum" if self.agreement is not None else "FAILED: outputs differ past tolerance"
+        verdict = {True: "PASSED", False: failed, None: "exported (not verified)"}[self.passed]
         lines += ["", f"  {verdict}"]
         return "\n".join(line for line in lines)
 

@@ -51,6 +51,7 @@ class TorchExporter:
     """`torch.jit.trace` + `torch.jit.save`, or `torch.export` + `torch.export.save`."""
 
     tool = "export.torchscript"
+    dtypes = ("fp32", "fp16", "bf16")
 
     def __init__(self, format: str = "torchscript") -> None:
         if format not in FORMATS:
@@ -97,6 +98,22 @@ class TorchExporter:
             return TorchRunner(torch.jit.load(str(path), map_location="cpu").eval(), "TorchScript module", "reloaded with torch.jit.load")
         except Exception as e:
             raise ExportError(f"cannot reload the saved {self.format} file: {type(e).__name__}: {e}") from e
+
+    @torch.no_grad()
+    def intermediates(self, path: Path, modules: dict, x: Tensor, reference: Path | None = None) -> dict:
+        """Module outputs of a `.pt2` file on `x`: `torch.export.unflatten` restores the module tree with the
+        model's own names, and forward hooks read it. TorchScript modules take no hooks: empty."""
+        if self.format != "pt2":
+            return {}
+        from export.localize import Capture
+
+        tree = torch.export.unflatten(torch.export.load(str(path)))
+        hooks = Capture(tree)
+        try:
+            tree(x)
+        finally:
+            found = hooks.close()
+        return {m: t for m, t in found.items() if m in modules}
 
 
 def export_torchscript(

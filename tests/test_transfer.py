@@ -108,6 +108,16 @@ def test_fractal_source_repeats_and_its_maps_contract():
     assert a.splits["train"][0].std() > 10  # drawn, not blank
 
 
+def test_backbone_pretrains_through_the_loop_repeats_bit_for_bit_and_is_cached(tmp_path):
+    spec = backbone.Pretraining(classes=3, train=4, val=2, epochs=2, batch_size=4, warmup_epochs=0.5, threads=1)
+    first = backbone.ensure(tmp_path / "a", spec, log=lambda s: None)
+    second = backbone.ensure(tmp_path / "b", spec, log=lambda s: None)
+    assert first["digest"] == second["digest"] and not first["cached"]
+    assert set(load_file(first["file"])) >= {"pos_embed", "blocks.3.mlp.fc2.weight", "head.weight"}  # a full state dict
+    assert backbone.ensure(tmp_path / "a", spec, log=lambda s: None)["cached"]
+    assert first["source"]["train"] == 12 and 0 <= first["source"]["val_acc"] <= 1
+
+
 # --- methods through finetune's loop --------------------------------------------------------------------
 
 

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     chosen_task = args.tasks or ([QUICK_TASK] if args.quick else list(tasks.TASKS))
     methods = tuple(args.methods or METHODS)
     seeds = (0,) if args.quick else tuple(range(args.seeds))
-    committed = report.read(args.out / "transfer.json")
+    committed = report.read(args.out / "transfer.json") or report.read(RESULTS / "transfer.json")  # --out's full run, else the committed one
     lrs = {}
     if args.quick and not args.sweep and committed:
         lrs = {t: {m: r["lr"] for m, r in committed["tasks"][t]["methods"].items() if m in methods}

@@ -3,8 +3,8 @@
 The backbone is the zoo's `vit_tiny_patch16_224` family made narrower and shallower for 32 px
 inputs (patch 8, width 128, depth 4: 0.8 M parameters). It is pretrained through the fine-tuning
 package's own loop (full fine-tuning from random weights) and cached as a safetensors state dict
-beside a JSON record (source accuracy, time, the file's sha256); both are rebuilt when missing or
-when the recipe below changes.
+beside a JSON record (source accuracy, time, a digest of the tensors); both are rebuilt when
+missing or when the recipe below changes.
 """
 
 from __future__ import annotations
@@ -63,11 +63,15 @@ def default_cache() -> Path:
     return (Path(root) if root else Path.home() / ".cache" / "rlrr") / "transfer"
 
 
-def sha256(path: Path) -> str:
+def digest(path: Path) -> str:
+    """sha256 of the tensors (names, dtypes, shapes, bytes), not of the file: safetensors writes
+    its metadata in no fixed order, so two identical trainings give files that differ there."""
+    from safetensors.torch import load_file
+
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    for name, t in sorted(load_file(str(path)).items()):
+        h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
+        h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -89,12 +93,12 @@ def source_folder(cache: Path, spec: Pretraining) -> Path:
 
 
 def ensure(cache: Path | None = None, spec: Pretraining = Pretraining(), log=print) -> dict:
-    """The cached backbone's record (pretraining it first if missing or stale): file, sha256, source accuracy, time."""
+    """The cached backbone's record (pretraining it first if missing or stale): file, digest, source accuracy, time."""
     cache = Path(cache) if cache is not None else default_cache()
     record_file, weights = cache / RECORD, cache / FILE
     if record_file.is_file() and weights.is_file():
         record = json.loads(record_file.read_text())
-        if record.get("key") == spec.key() and record.get("sha256") == sha256(weights):
+        if record.get("key") == spec.key() and record.get("digest") == digest(weights):
             record["cached"] = True
             return record
     cache.mkdir(parents=True, exist_ok=True)
@@ -112,7 +116,7 @@ def ensure(cache: Path | None = None, spec: Pretraining = Pretraining(), log=pri
     save_file(state, str(tmp), metadata={"preset": PRESET, "arch": json.dumps(ARCH), "img_size": str(IMG_SIZE), "key": spec.key()})
     tmp.replace(weights)
     last = result.history[-1]
-    record = {"key": spec.key(), "file": str(weights), "sha256": sha256(weights), "preset": PRESET, "arch": ARCH, "img_size": IMG_SIZE,
+    record = {"key": spec.key(), "file": str(weights), "digest": digest(weights), "preset": PRESET, "arch": ARCH, "img_size": IMG_SIZE,
               "params": sum(v.numel() for k, v in state.items() if not k.startswith("head.")),
               "source": {"data": json.loads((source / "manifest.json").read_text())["data"], "classes": spec.classes,
                          "train": spec.classes * spec.train, "val": spec.classes * spec.val,

@@ -9,7 +9,6 @@ plus, beside those keys, what was run (backbone, protocol, lr chosen and swept, 
 from __future__ import annotations
 
 import json
-import math
 import statistics
 from pathlib import Path
 
@@ -73,18 +72,26 @@ def _params(n: int) -> str:
     return f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n / 1e3:.1f} k"
 
 
+def task_mean(doc: dict, method: str) -> list[float]:
+    """Per seed, the accuracy averaged over the tasks (the paper's "Mean" column, per seed)."""
+    rows = [t["methods"][method] for t in doc["tasks"].values()]
+    return [statistics.mean(r["accuracy"][i] for r in rows) for i in range(min(len(r["accuracy"]) for r in rows))]
+
+
 def summary_table(doc: dict) -> str:
-    """Per method: test accuracy (mean ± std over seeds, %) per task, trainable parameters, seconds per run."""
+    """Per method: test accuracy (mean ± std over seeds, %) per task and averaged over tasks,
+    trainable parameters (the head's size differs by task), seconds per run."""
     tasks = list(doc["tasks"])
     methods = list(next(iter(doc["tasks"].values()))["methods"])
-    head = "| method | " + " | ".join(tasks) + " | trainable params | s / run |"
-    lines = [head, "|---|" + "---|" * len(tasks) + "---|---|"]
+    head = "| method | " + " | ".join(tasks) + " | mean | trainable params | s / run |"
+    lines = [head, "|---|" + "---|" * len(tasks) + "---|---|---|"]
     for m in methods:
         rows = [doc["tasks"][t]["methods"][m] for t in tasks]
-        params = sorted({r["trainable_params"] for r in rows})
+        low, high = min(r["trainable_params"] for r in rows), max(r["trainable_params"] for r in rows)
+        shown = _params(low) if low == high else f"{_params(low)[:-2]}-{_params(high)}"
         wall = statistics.mean(w for r in rows for w in r["wall_s"])
-        shown = " / ".join(_params(p) for p in params)
-        lines.append(f"| {rows[0]['label']} | " + " | ".join(_pct(r["accuracy"]) for r in rows) + f" | {shown} | {wall:.0f} |")
+        lines.append(f"| {rows[0]['label']} | " + " | ".join(_pct(r["accuracy"]) for r in rows)
+                     + f" | {_pct(task_mean(doc, m))} | {shown} | {wall:.0f} |")
     return "\n".join(lines)
 
 
@@ -110,10 +117,12 @@ def task_tables(doc: dict) -> str:
 def markdown(doc: dict) -> str:
     b, run, p = doc["backbone"], doc["run"], doc["protocol"]
     load = run["load_1min"]
+    arch = b["arch"]
+    shape = f"patch {arch['patch_size']}, width {arch['embed_dim']}, depth {arch['depth']}, {arch['num_heads']} heads"
     return "\n".join([
         "# Transfer benchmark: RLRR against LoRA, SSF, linear probing and full fine-tuning",
         "",
-        f"`{doc['command']}`. Backbone: {b['preset']} {b['arch']} at {b['img_size']} px ({b['params']:,} parameters), pretrained "
+        f"`{doc['command']}`. Backbone: {b['preset']} ({shape}) at {b['img_size']} px ({b['params']:,} parameters), pretrained "
         f"from scratch on {b['source']['data']} ({b['source']['train']:,} images): source val accuracy "
         f"{100 * b['source']['val_acc']:.1f} % after {b['recipe']['epochs']} epochs, {b['pretrain_s']:.0f} s. "
         f"Each method: {p['epochs']} epochs, batch {p['batch_size']}, weight decay {p['weight_decay']:g}, {p['schedule']}; "
@@ -121,7 +130,7 @@ def markdown(doc: dict) -> str:
         "",
         f"Run: {run['wall_s'] / 60:.1f} min wall on {run['cpus']} CPU cores, {run['jobs']} single-threaded workers "
         f"(backbone {'cached' if run['backbone_cached'] else 'pretrained in this run'}); 1-minute load average "
-        f"{load['min']:.1f}-{load['max']:.1f} (mean {load['mean']:.1f}): wall times include other processes' load.",
+        f"{load['min']:.1f}-{load['max']:.1f} (mean {load['mean']:.1f}): wall times (s / run, one core each) include other processes' load.",
         "",
         "## Summary (test accuracy %, mean ± std over seeds)",
         "",
@@ -141,16 +150,22 @@ def plot(doc: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     tasks = list(doc["tasks"])
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.8), squeeze=False)
+    methods = list(doc["tasks"][tasks[0]]["methods"])
+    panels = [(f"{t} ({doc['tasks'][t]['train']} train)", {m: (doc["tasks"][t]["methods"][m]["trainable_params"],
+                                                             doc["tasks"][t]["methods"][m]["accuracy"]) for m in methods}) for t in tasks]
+    panels.append(("mean over the tasks", {m: (statistics.mean(doc["tasks"][t]["methods"][m]["trainable_params"] for t in tasks),
+                                               task_mean(doc, m)) for m in methods}))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.0 * len(panels), 3.8), squeeze=False)
     colours = {"rlrr": "tab:red", "rlrr_r4": "tab:pink", "lora": "tab:blue", "ssf": "tab:green", "linear": "tab:gray", "full": "black"}
-    for ax, task in zip(axes[0], tasks):
-        for m, r in doc["tasks"][task]["methods"].items():
-            mean, std = mean_std(r["accuracy"])
-            ax.errorbar(r["trainable_params"], 100 * mean, yerr=100 * std, fmt="*" if m.startswith("rlrr") else "o",
-                        markersize=12 if m == "rlrr" else 7, color=colours.get(m, None), capsize=3, label=r["label"])
+    for ax, (title, points) in zip(axes[0], panels):
+        for m, (params, accuracy) in points.items():
+            mean, std = mean_std(accuracy)
+            ax.errorbar(params, 100 * mean, yerr=100 * std, fmt="*" if m.startswith("rlrr") else "o",
+                        markersize=12 if m == "rlrr" else 7, color=colours.get(m, None), capsize=3,
+                        label=doc["tasks"][tasks[0]]["methods"][m]["label"])
         ax.set_xscale("log")
         ax.set_xlabel("trainable parameters")
-        ax.set_title(f"{task} ({doc['tasks'][task]['train']} train)")
+        ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("test accuracy (%)")
     axes[0][-1].legend(fontsize=7, loc="lower right")
@@ -177,5 +192,9 @@ def read(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def finite(x: float) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
+if __name__ == "__main__":  # python -m benchmarks.transfer.report [RESULTS.json]: the tables and plot again from the JSON
+    import sys
+
+    source = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parents[1] / "results" / "transfer.json"
+    written = write(json.loads(source.read_text()), source.parent, stem=source.stem, picture=source.stem == "transfer")
+    print("\n".join(str(f) for f in written[1:]))

@@ -118,6 +118,8 @@ def markdown(doc: dict) -> str:
     b, run, p = doc["backbone"], doc["run"], doc["protocol"]
     load = run["load_1min"]
     arch = b["arch"]
+    swept = any(r["sweep_val_accuracy"] for t in doc["tasks"].values() for r in t["methods"].values())
+    selection = p["selection"] if swept else "Learning rates: the full run's choices (not swept here); test accuracy after the last epoch"
     shape = f"patch {arch['patch_size']}, width {arch['embed_dim']}, depth {arch['depth']}, {arch['num_heads']} heads"
     return "\n".join([
         "# Transfer benchmark: RLRR against LoRA, SSF, linear probing and full fine-tuning",
@@ -126,7 +128,7 @@ def markdown(doc: dict) -> str:
         f"from scratch on {b['source']['data']} ({b['source']['train']:,} images): source val accuracy "
         f"{100 * b['source']['val_acc']:.1f} % after {b['recipe']['epochs']} epochs, {b['pretrain_s']:.0f} s. "
         f"Each method: {p['epochs']} epochs, batch {p['batch_size']}, weight decay {p['weight_decay']:g}, {p['schedule']}; "
-        f"seeds {p['seeds']}. {p['selection']}.",
+        f"seeds {p['seeds']}. {selection}.",
         "",
         f"Run: {run['wall_s'] / 60:.1f} min wall on {run['cpus']} CPU cores, {run['jobs']} single-threaded workers "
         f"(backbone {'cached' if run['backbone_cached'] else 'pretrained in this run'}); 1-minute load average "

@@ -27,7 +27,7 @@ from finetune.errors import DivergedError, ResourceError, environment_errno
 from rlrr import RLRRError
 
 # the export CLI's numbers where the meaning is shared (2, 5, 70, 130)
-EXIT_OK, EXIT_INPUT, EXIT_DIVERGED, EXIT_ENVIRONMENT, EXIT_BUG, EXIT_INTERRUPTED = 0, 2, 3, 5, 70, 130
+EXIT_OK, EXIT_INPUT, EXIT_ENVIRONMENT, EXIT_DIVERGED, EXIT_BUG, EXIT_INTERRUPTED = 0, 2, 5, 6, 70, 130
 SUPPRESS = argparse.SUPPRESS
 DEBUG_ENV = "RLRR_DEBUG"
 
@@ -42,9 +42,9 @@ exit status:
   0    done
   2    bad input: options, data (one class, undecodable or missing images ...), output folder,
        checkpoint; found before training: nothing trained, nothing written
-  3    training diverged (the loss became NaN or infinite): the last complete epoch's files are intact
   5    the environment refused: disk full, permission denied, read-only file system, out of memory;
        the last complete checkpoint is intact (continue with --resume once fixed)
+  6    training diverged (the loss became NaN or infinite): the last complete epoch's files are intact
   70   an internal error (a bug): please report it with the traceback of --debug
   130  interrupted: the last complete checkpoint is intact (continue with --resume)
 Every failure prints one line on stderr; --debug (or RLRR_DEBUG=1) adds the traceback.

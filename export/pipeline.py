@@ -366,13 +366,16 @@ class _Run:
 
 
 def _build(spec: ModelSpec, seed: int) -> tuple[nn.Module, ModelInfo]:
+    """Build the base model; its random initialisation is seeded by `seed`, the caller's RNG untouched."""
     state = zoo.read_state_dict(spec.weights) if spec.weights else None  # an unreadable file fails before the build
     try:
-        if spec.preset:
-            model, info = _build_preset(spec)
-        else:
-            model, source = zoo.build_model(spec.name, num_classes=spec.num_classes, img_size=spec.img_size, model_kwargs=spec.model_kwargs)
-            info = ModelInfo(name=spec.name, source=source.library, weights="random init", kwargs=source.kwargs)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            if spec.preset:
+                model, info = _build_preset(spec)
+            else:
+                model, source = zoo.build_model(spec.name, num_classes=spec.num_classes, img_size=spec.img_size, model_kwargs=spec.model_kwargs)
+                info = ModelInfo(name=spec.name, source=source.library, weights="random init", kwargs=source.kwargs)
     except rlrr.RLRRError:
         raise
     except Exception as e:  # a builder failing on the arguments given (embed_dim 0 ...): the arguments' fault

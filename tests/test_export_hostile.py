@@ -85,6 +85,9 @@ def adapters(tmp_path_factory) -> dict[str, Path]:
         "downloads": {**good, "model_kwargs": {**KWARGS, "pretrained_cfg_overlay": {"file": "/etc/passwd"}}},
     }
     paths = {name: rlrr.save_adapter(model, d / f"{name}.safetensors", metadata=meta) for name, meta in metas.items()}
+    with torch.no_grad():  # a diverged training run: NaN in one adapter tensor
+        next(p for n, p in model.named_parameters() if "rlrr_" in n).view(-1)[0] = float("nan")
+    paths["nan"] = rlrr.save_adapter(model, d / "nan.safetensors", metadata=good)
     (d / "text.safetensors").write_text("not a safetensors file")
     paths["text"] = d / "text.safetensors"
     return paths
@@ -247,6 +250,7 @@ def test_a_bad_input_file_is_refused(flag, make, needle, tmp_path, capsys):
         ("kwargs_list", "metadata 'model_kwargs' is [1, 2]"),
         ("negative_classes", "class count must be a whole number"),
         ("downloads", "would load weights or download"),
+        ("nan", "non-finite values"),
     ],
 )
 def test_a_careless_or_hostile_adapter_file_is_refused(name, needle, adapters, tmp_path, capsys, monkeypatch):

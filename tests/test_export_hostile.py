@@ -250,7 +250,7 @@ def test_a_bad_input_file_is_refused(flag, make, needle, tmp_path, capsys):
         ("kwargs_list", "metadata 'model_kwargs' is [1, 2]"),
         ("negative_classes", "class count must be a whole number"),
         ("downloads", "would load weights or download"),
-        ("nan", "non-finite values"),
+        ("nan", "NaN or Inf"),
     ],
 )
 def test_a_careless_or_hostile_adapter_file_is_refused(name, needle, adapters, tmp_path, capsys, monkeypatch):

@@ -156,7 +156,9 @@ def build_parser(prog: str, doc: str, suffix: str, add_arguments: Callable[[argp
     m = parser.add_argument_group("model")
     m.add_argument("--model", metavar="NAME", help=f"timm or torchvision model name (default: the adapter file's model, else the demo {DEFAULT_SPEC.name})")
     m.add_argument("--weights", metavar="FILE", help="local base weights (.pth, .pt, .bin, .safetensors), loaded with strict key checking (default: random)")
-    m.add_argument("--adapter", metavar="FILE", help="adapter file from rlrr.save_adapter (default: a seeded random adapter); one per export")
+    m.add_argument("--adapter", metavar="FILE", action="append",
+                   help="adapter file from rlrr.save_adapter (default: a seeded random adapter); repeat it, as [NAME=]FILE, "
+                        "for one file serving several tasks (python -m export.onnx; docs/serving.md)")
     m.add_argument("--num-classes", type=_checked(check_int, int, "class count"), metavar="N", help="classifier size (default: the adapter file's, else the model's)")
     m.add_argument("--img-size", type=_img_size, metavar="N|HxW", help="input size (default: the adapter file's, else the model's config, else 224)")
     m.add_argument("--model-kwargs", type=_kwargs, default=None, metavar="JSON", help="extra builder arguments, e.g. '{\"depth\": 2}'")
@@ -203,8 +205,13 @@ def _debug(argv: Sequence[str]) -> bool:
 
 
 def run_cli(argv: Sequence[str] | None, *, prog: str, doc: str, suffix: str,
-            add_arguments: Callable[[argparse.ArgumentParser], None], make_exporter: Callable[[argparse.Namespace], Exporter]) -> int:
-    """Parse, export, print the report; returns the exit status (EXIT_STATUSES)."""
+            add_arguments: Callable[[argparse.ArgumentParser], None], make_exporter: Callable[[argparse.Namespace], Exporter],
+            run_many: Callable | None = None) -> int:
+    """Parse, export, print the report; returns the exit status (EXIT_STATUSES).
+
+    `run_many(args, exporter, progress) -> (report, out)` exports several adapters (or, with
+    `--adapter-inputs`, one) into one file; a format without it refuses a repeated --adapter.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     progress = None
     # reason: torch logs a once-per-process API note when timm's Swin asks is_fx_tracing(); it
@@ -214,7 +221,15 @@ def run_cli(argv: Sequence[str] | None, *, prog: str, doc: str, suffix: str,
     try:
         args = build_parser(prog, doc, suffix, add_arguments).parse_args(argv)
         progress = None if args.quiet else StderrProgress()
+        adapters, args.adapter = args.adapter or [], (args.adapter or [None])[-1]
         exporter = make_exporter(args)
+        if len(adapters) > 1 or getattr(args, "adapter_inputs", False):
+            if run_many is None:
+                raise RLRRError(f"{prog} exports one adapter; one file for several tasks is python -m export.onnx")
+            args.adapter = adapters
+            report, out = run_many(args, exporter, progress)
+            _write(sys.stdout, report.table() + f"\n\n  report: {report_path(Path(out))}\n")
+            return EXIT_OK
         spec = resolve_spec(args.model, adapter=args.adapter, num_classes=args.num_classes, img_size=args.img_size,
                             model_kwargs=args.model_kwargs, weights=args.weights)
         out = args.out if args.out is not None else _default_out(spec.name, getattr(exporter, "suffix", suffix))

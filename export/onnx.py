@@ -224,6 +224,10 @@ def _add_arguments(parser) -> None:
                        help="onnxruntime provider for verification and latency: auto = CUDA where onnxruntime-gpu and a GPU are present, else CPU (default auto)")
     group.add_argument("--external-data", choices=EXTERNAL_DATA, default="auto",
                        help="write weights to OUT.data: auto = only above ONNX's 2 GB single-file limit (default auto)")
+    group.add_argument("--adapter-inputs", action="store_true",
+                       help="with --adapter files: a base file whose adapter tensors and head are graph inputs, plus one "
+                            "OUT-stem.<task>.onnx_adapter per task for onnxruntime's LoraAdapter (default: one routed file "
+                            "with a task input; docs/serving.md)")
 
 
 def _make_exporter(args) -> OnnxExporter:
@@ -232,8 +236,10 @@ def _make_exporter(args) -> OnnxExporter:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from export.cli import run_cli
+    from export.multitask import run_many
 
-    return run_cli(argv, prog="python -m export.onnx", doc=__doc__, suffix=".onnx", add_arguments=_add_arguments, make_exporter=_make_exporter)
+    return run_cli(argv, prog="python -m export.onnx", doc=__doc__, suffix=".onnx", add_arguments=_add_arguments,
+                   make_exporter=_make_exporter, run_many=run_many)
 
 
 if __name__ == "__main__":

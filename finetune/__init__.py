@@ -5,12 +5,14 @@
                                      weights="ViT-B_16.npz", output="runs/cifar"))
     result.best_acc, result.files["best"]        # best.safetensors: adapters + head + metadata
 
+    finetune(config, adapt=benchmarks.variants.lora)  # another method through the same loop (comparisons)
+
 `torchrun --nproc_per_node N -m finetune ...` trains with DistributedDataParallel. See
 docs/finetune.md.
 """
 
 from finetune.config import FinetuneConfig
-from finetune.data import Generated
+from finetune.data import Generated, load_data
 from finetune.errors import (
     BatchSizeError,
     CheckpointError,
@@ -39,4 +41,5 @@ __all__ = [
     "ResourceError",
     "ResumeMismatchError",
     "finetune",
+    "load_data",
 ]

@@ -120,9 +120,18 @@ def storage(action: str):
 
 
 def save_adapter_file(model: nn.Module, path: Path, metadata: dict) -> Path:
-    """The adapter-only file (`rlrr.save_adapter` format) with the run's metadata, atomically."""
+    """The adapter-only file (`rlrr.save_adapter` format) with the run's metadata, atomically.
+
+    A model trained by another method (no RLRR adapter) gets a plain safetensors file of its
+    trained tensors by name, with the metadata as JSON under the key "finetune".
+    """
     with storage(f"cannot write {path}"):
-        return rlrr.write_adapter_file(path, rlrr.adapter_state(model, metadata))
+        if rlrr.adapters_of(model):
+            return rlrr.write_adapter_file(path, rlrr.adapter_state(model, metadata))
+        from safetensors.torch import save_file
+
+        tensors = {n: t.contiguous() for n, t in trainable_tensors(model).items()}
+        return rlrr.atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"finetune": json.dumps(metadata)}))
 
 
 def save_state(path: Path, state: dict) -> Path:

@@ -6,6 +6,7 @@ what a run records in its checkpoints and compares on `--resume`.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -50,6 +51,7 @@ class FinetuneConfig:
     init: str = "paper"  # adapter init: "paper" (official, Table 10) or "identity" (output = base model)
     targets: tuple[str, ...] | None = None  # RLRR sites instead of the preset's placement (rlrr.apply targets)
     img_size: int | None = None  # input size; None: the preset's (224; the twin's 32)
+    model_kwargs: dict | None = None  # builder arguments beyond the preset's (a narrower, shallower model: {"depth": 4}); recorded in the adapter files
     drop_path: float | None = None  # stochastic depth (timm models); None: the dataset preset's, else 0
     # data
     data: str | None = None  # a dataset folder (see finetune.data); None: generated data
@@ -144,6 +146,13 @@ class FinetuneConfig:
             raise RecipeError(f"targets must be a non-empty list of site patterns, got {self.targets!r}")
         self._validate_generated()
         zoo.get_preset(self.preset)
+        if self.model_kwargs is not None:
+            if not isinstance(self.model_kwargs, dict) or not all(isinstance(k, str) for k in self.model_kwargs):
+                raise RecipeError(f"model_kwargs must be a dict of builder arguments, got {self.model_kwargs!r}")
+            try:
+                json.dumps(self.model_kwargs)
+            except TypeError as e:
+                raise RecipeError(f"model_kwargs {self.model_kwargs!r} cannot be recorded in the adapter files (JSON): {e}") from e
         if self.dataset is not None:
             dataset_recipe(self.dataset)
 
@@ -219,8 +228,8 @@ def _path(name: str, value) -> None:
 
 
 # Options that define what a run computes: a resumed run must have the same values.
-RUN_FIELDS = ("preset", "tiny", "weights", "rank", "init", "targets", "img_size", "data", "skip_bad_images", "dataset", "protocol",
-              "generated", "epochs", "accum", "cooldown_epochs", "min_lr", "warmup_lr", "mixup", "seed")
+RUN_FIELDS = ("preset", "tiny", "weights", "rank", "init", "targets", "img_size", "model_kwargs", "data", "skip_bad_images", "dataset",
+              "protocol", "generated", "epochs", "accum", "cooldown_epochs", "min_lr", "warmup_lr", "mixup", "seed")
 RESOLVED_FIELDS = ("lr", "weight_decay", "batch_size", "drop_path", "flip", "drop_last", "warmup_epochs", "label_smoothing",
                    "crop", "amp", "classes")
 ADDED_FIELDS = {"skip_bad_images": False}  # fields newer than some checkpoints: a stored run without one had this value

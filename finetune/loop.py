@@ -36,7 +36,7 @@ from finetune import distributed
 from finetune.config import ADDED_FIELDS, RESOLVED_FIELDS, RUN_FIELDS, FinetuneConfig
 from finetune.data import Augmented, DataSource, ShardSampler, load_data, train_sampler, transforms
 from finetune.errors import BatchSizeError, CheckpointError, DataError, DivergedError, RecipeError, ResumeMismatchError
-from finetune.model import Built, build_for_training, copy_trainable, counts, freeze_frozen_norms, metadata
+from finetune.model import Adapt, Built, build_for_training, copy_trainable, counts, freeze_frozen_norms, metadata, method_name
 from finetune.progress import Progress
 from finetune.recipe import dataset_recipe, make_loss, make_mixup, make_optimizer, make_scheduler, parameter_groups
 
@@ -55,6 +55,7 @@ class FinetuneResult:
     output: Path
     classes: list[str]
     files: dict[str, Path] = field(default_factory=dict)
+    eval_transform: Callable | None = None  # the run's evaluation transform: evaluate the model (or its export) on other images the same way
 
 
 @dataclass
@@ -277,8 +278,14 @@ def evaluate(model: nn.Module, loader: DataLoader, *, amp: torch.dtype | None, d
     return {"loss": loss_sum / seen, "acc": correct / seen, "images": int(seen)}
 
 
-def finetune(config: FinetuneConfig, *, hook: Hook | None = None) -> FinetuneResult:
+def finetune(config: FinetuneConfig, *, hook: Hook | None = None, adapt: Adapt | None = None) -> FinetuneResult:
     """Fine-tune a zoo preset's adapters and head (see the module docstring); returns the result.
+
+    `adapt` replaces RLRR by another method for comparisons through the same loop: it gets the
+    base model (weights loaded) and returns the model to train, with exactly that method's
+    parameters requiring grad (`benchmarks.variants`: LoRA, SSF, linear probing, full
+    fine-tuning). Its files then hold the trained tensors by name (not an RLRR adapter file), and
+    a resumed run must be given the same `adapt`.
 
     Raises, before training: DataError, BatchSizeError, RecipeError, CheckpointError,
     ResumeMismatchError, and the zoo's errors for unknown presets and weight files. During it:
@@ -288,19 +295,19 @@ def finetune(config: FinetuneConfig, *, hook: Hook | None = None) -> FinetuneRes
     config.validate()  # before the process group and the device: options first
     d = distributed.setup(config.device)
     try:
-        return _run(config, d, hook)
+        return _run(config, d, hook, adapt)
     finally:
         distributed.teardown(d)
 
 
-def _run(cfg: FinetuneConfig, d: distributed.Dist, hook: Hook | None) -> FinetuneResult:
+def _run(cfg: FinetuneConfig, d: distributed.Dist, hook: Hook | None, adapt: Adapt | None) -> FinetuneResult:
     plan = prepare(cfg, d)
     progress = Progress("none" if not d.main else cfg.progress, log_every=cfg.log_every)
     recipe, data, amp_name = plan.recipe, plan.data, plan.resolved["amp"]
     _, amp = resolve_amp(amp_name, d.device)
 
     seed_everything(cfg.seed)  # the same random base and adapters in every process
-    built = _build(cfg, plan)
+    built = _build(cfg, plan, adapt)
     model = built.model.to(d.device)
     train_tf, eval_tf = transforms(plan.resolved["crop"], plan.img_size, flip=recipe["flip"], mean=built.mean, std=built.std,
                                    interpolation=built.interpolation)
@@ -360,7 +367,7 @@ def _run(cfg: FinetuneConfig, d: distributed.Dist, hook: Hook | None) -> Finetun
     _describe(progress, cfg, plan, built, model, d, updates)
     distributed.barrier(d)
 
-    run_info = _run_info(cfg, plan, model, d, updates)
+    run_info = {**_run_info(cfg, plan, model, d, updates), "method": method_name(adapt)}
     for epoch in range(start, cfg.epochs):
         progress.start_epoch(epoch + 1, cfg.epochs, updates)
         try:
@@ -404,14 +411,14 @@ def _run(cfg: FinetuneConfig, d: distributed.Dist, hook: Hook | None) -> Finetun
     if d.main:
         progress.info(f"done: best val acc {best_acc:.1%} at epoch {best_epoch}; files in {plan.output}: {ckpt.LAST}, {ckpt.BEST}, "
                       f"{ckpt.METRICS_CSV}, {ckpt.METRICS_JSON}")
-    return FinetuneResult(model, history, best_acc, best_epoch, test, plan.output, data.classes, files)
+    return FinetuneResult(model, history, best_acc, best_epoch, test, plan.output, data.classes, files, eval_tf)
 
 
-def _build(cfg: FinetuneConfig, plan: _Plan) -> Built:
+def _build(cfg: FinetuneConfig, plan: _Plan, adapt: Adapt | None) -> Built:
     """The preset with RLRR at its placement. With an --img-size of the user's, one forward pass on a
     blank image checks the model runs at that size: a failure is bad input, found before any file is written."""
     kwargs = dict(weights=cfg.weights, rank=cfg.rank, init=cfg.init, targets=cfg.targets, img_size=cfg.img_size, tiny=cfg.tiny,
-                  drop_path=plan.recipe["drop_path"])
+                  drop_path=plan.recipe["drop_path"], model_kwargs=cfg.model_kwargs, adapt=adapt)
     if cfg.img_size is None:
         return build_for_training(cfg.preset, plan.data.num_classes, **kwargs)
     try:
@@ -470,9 +477,12 @@ def _describe(progress: Progress, cfg, plan, built: Built, model, d, updates: in
     for note in built.notes:
         progress.info(f"  note: {note}")
     tensors, values = distributed.reduced_tensors(model)
-    progress.info(f"adapters: {c['sites']} sites, rank {built.config.rank}, init {cfg.init}; trainable {c['trainable']:,} values "
-                  f"= adapters {c['adapter']:,} + head {c['head']:,} of {c['total']:,}; weight decay on {len(groups[0]['params'])} tensors, "
-                  f"none on {len(groups[1]['params'])}")
+    decay = f"weight decay on {len(groups[0]['params'])} tensors, none on {len(groups[1]['params'])}"
+    if built.config is None:
+        progress.info(f"method: {built.placement['method']} (not RLRR); trainable {c['trainable']:,} values of {c['total']:,}; {decay}")
+    else:
+        progress.info(f"adapters: {c['sites']} sites, rank {built.config.rank}, init {cfg.init}; trainable {c['trainable']:,} values "
+                      f"= adapters {c['adapter']:,} + head {c['head']:,} of {c['total']:,}; {decay}")
     progress.info(f"data: {plan.data.description}")
     for note in plan.notes:
         progress.info(f"  warning: {note}")

@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 import rlrr
 import zoo
-from export.multitask import run_multitask
+from export.multitask import export_multitask
 from export.onnx import OnnxExporter
 from export.onnx import main as onnx_main
 from export.pipeline import resolve_spec
@@ -84,7 +84,7 @@ def routed(files, tmp_path_factory) -> tuple[Path, dict]:
 def per_run(files, tmp_path_factory):
     out = tmp_path_factory.mktemp("per_run") / "multi.onnx"
     spec = resolve_spec(adapter=files["a0"], weights=files["base"])
-    report = run_multitask([str(files["a0"]), f"cars={files['a1']}", str(files["a2"])], out, OnnxExporter(), spec=spec, adapter_inputs=True,
+    report = export_multitask([str(files["a0"]), f"cars={files['a1']}", str(files["a2"])], out, OnnxExporter(), spec=spec, adapter_inputs=True,
                            batch_sizes=(2, 5), inputs_per_batch=2, latency_runs=0)
     return out, report
 

@@ -151,12 +151,13 @@ def _tensor_bytes(tensors) -> int:
     return sum(t.numel() * 4 for t in tensors)  # float32 in the files
 
 
-def run_multitask(
-    adapters: Sequence[str],
+def export_multitask(
+    adapters: Sequence[str | os.PathLike],
     out: str | os.PathLike,
-    exporter: OnnxExporter,
+    exporter: OnnxExporter | None = None,
     *,
     spec: ModelSpec | None = None,
+    weights: str | os.PathLike | None = None,
     adapter_inputs: bool = False,
     batch_sizes: Sequence[int] = (1, 4),
     inputs_per_batch: int = 3,
@@ -171,17 +172,18 @@ def run_multitask(
 ) -> MultiTaskReport:
     """Export the tasks of `adapters` (paths, or NAME=PATH) as one routed file, or a base file with adapter inputs.
 
-    `spec`: the base model (default: what the first adapter file names; its class count is the
-    first task's). Options as `export.onnx.export_onnx`. Raises AdapterMismatchError/ConfigError
+    `spec`: the base model (default: what the first adapter file names, with `weights`; its
+    class count is the first task's). `exporter`: opset, provider, external data (default
+    `OnnxExporter()`). Other options as `export.onnx.export_onnx`. Raises AdapterMismatchError/ConfigError
     before anything is built when the files do not belong together, VerificationError (with the
     report) when a task's rows differ past `tolerance`.
     """
-    tasks = read_tasks(adapters)
-    if len(tasks) < (1 if adapter_inputs else 2):
-        raise rlrr.ConfigError("a routed multi-task file needs two or more --adapter files (one adapter folds: drop the others, "
-                               "or add --adapter-inputs for a base file with one .onnx_adapter)")
+    tasks = read_tasks([str(a) for a in adapters])
+    if not tasks:
+        raise rlrr.ConfigError("a multi-task file needs at least one adapter file")
     check_tasks(tasks)
-    spec = spec or resolve_spec(adapter=tasks[0].path)
+    spec = spec or resolve_spec(adapter=tasks[0].path, weights=weights)
+    exporter = exporter or OnnxExporter()
     tolerance = DEFAULT_TOLERANCE["fp32"] if tolerance is None else float(tolerance)
     batch_sizes = [int(b) for b in batch_sizes]
     out = Path(out)
@@ -414,10 +416,13 @@ def run_many(args, exporter: OnnxExporter, progress) -> tuple[MultiTaskReport, P
     if args.rank != 1:
         raise rlrr.ConfigError("--rank sets a random adapter's rank; a multi-task file takes trained adapter files")
     tasks = read_tasks(args.adapter)  # early, for the default output name and the spec
+    if not tasks or len(tasks) < 2 and not args.adapter_inputs:
+        raise rlrr.ConfigError("--adapter-inputs needs an --adapter file" if not tasks else
+                               "a routed multi-task file needs two or more --adapter files (one adapter folds into a plain file)")
     spec = resolve_spec(args.model, adapter=tasks[0].path, img_size=args.img_size, model_kwargs=args.model_kwargs, weights=args.weights)
     out = Path(args.out) if args.out else Path.cwd() / f"rlrr-{Path(spec.name.split(':')[-1]).name}-multi.onnx"
     started = time.perf_counter()
-    report = run_multitask(args.adapter, out, exporter, spec=spec, adapter_inputs=args.adapter_inputs, batch_sizes=args.batch_sizes,
+    report = export_multitask(args.adapter, out, exporter, spec=spec, adapter_inputs=args.adapter_inputs, batch_sizes=args.batch_sizes,
                            inputs_per_batch=args.inputs, seed=args.seed, tolerance=args.tolerance, verify=not args.no_verify,
                            latency_runs=args.latency_runs, warmup=args.warmup, force=args.force, keep_on_fail=args.keep_on_fail,
                            progress=progress)

@@ -207,13 +207,12 @@ class TaskRouter(nn.Module):
             biases.append(b)
         classes = [w.shape[0] for w in weights]
         factory = {"dtype": module.weight.dtype, "device": module.weight.device}
-        stacked_w = torch.zeros(len(tasks), max(classes), module.in_features, **factory)
-        stacked_b = torch.full((len(tasks), max(classes)), PAD, **factory)
-        for k, (w, b) in enumerate(zip(weights, biases)):
-            stacked_w[k, : w.shape[0]] = w
-            stacked_b[k, : b.shape[0]] = b
-        self.register_buffer("head_weight", stacked_w)  # (K, classes, features), zero rows past a task's classes
-        self.register_buffer("head_bias", stacked_b)  # (K, classes), -inf past a task's classes
+        device = factory["device"]
+        # every task's rows once, one after the other (no padding stored): task k's are rows offset[k] ..
+        self.register_buffer("head_weight", torch.cat(weights).to(**factory))  # (Σ classes, features)
+        self.register_buffer("head_bias", torch.cat(biases).to(**factory))  # (Σ classes,)
+        self.register_buffer("head_offset", torch.tensor([0, *classes[:-1]], device=device).cumsum(0))  # (K,)
+        self.register_buffer("head_classes", torch.tensor(classes, device=device))  # (K,)
         return head, classes
 
     def _hook(self) -> None:
@@ -342,11 +341,15 @@ class TaskRouter(nn.Module):
     def head_rows(self, x: Tensor) -> Tensor:
         """Each row through its task's head: (R, ..., features) -> (R, ..., max classes), -inf past its own."""
         task = self._rows(self.head_name, x.shape[0])
-        n = task.shape[0]
-        w = torch.index_select(self.head_weight, 0, task)  # (N, classes, features)
-        b = torch.index_select(self.head_bias, 0, task)  # (N, classes)
-        y = torch.matmul(x.reshape(n, -1, x.shape[-1]), w.transpose(1, 2)) + b[:, None, :]
-        return y.reshape(*x.shape[:-1], w.shape[1])
+        n, width = task.shape[0], max(self.classes)
+        column = torch.arange(width, device=task.device)
+        rows = torch.index_select(self.head_offset, 0, task)[:, None] + column  # (N, width): the task's rows, then its neighbours'
+        rows = rows.clamp(max=self.head_weight.shape[0] - 1)
+        w = self.head_weight[rows]  # (N, width, features)
+        y = torch.matmul(x.reshape(n, -1, x.shape[-1]), w.transpose(1, 2)) + self.head_bias[rows][:, None, :]
+        own = column < torch.index_select(self.head_classes, 0, task)[:, None]  # (N, width)
+        y = torch.where(own[:, None, :], y, torch.full_like(y, PAD))
+        return y.reshape(*x.shape[:-1], width)
 
 
 @contextmanager

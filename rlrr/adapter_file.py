@@ -97,18 +97,6 @@ def write_adapter_file(path: str | os.PathLike, state: AdapterSet) -> Path:
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
-def write_adapter_file(path: str | os.PathLike, state: AdapterSet) -> Path:
-    """Write an AdapterSet to a safetensors file, atomically."""
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in _file_tensors(state).items()}
-    meta = {
-        "format": FORMAT,
-        "config": json.dumps(state.config.to_dict()),
-        "sites": json.dumps([s.to_dict() for s in state.sites]),
-        "user": json.dumps(state.metadata),
-    }
-    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
-
-
 def _path(path: str | os.PathLike) -> Path:
     if not isinstance(path, (str, os.PathLike)) or not isinstance(os.fspath(path), str) or "\0" in os.fspath(path) or not os.fspath(path):
         raise AdapterFileError(f"a file path must be a non-empty path without NUL bytes, got {path!r}")

@@ -13,7 +13,16 @@ docs/finetune.md.
 
 from finetune.config import FinetuneConfig
 from finetune.data import Generated, load_data
-from finetune.errors import BatchSizeError, CheckpointError, DataError, FinetuneError, RecipeError, ResumeMismatchError
+from finetune.errors import (
+    BatchSizeError,
+    CheckpointError,
+    DataError,
+    DivergedError,
+    FinetuneError,
+    RecipeError,
+    ResourceError,
+    ResumeMismatchError,
+)
 from finetune.loop import FinetuneResult, finetune
 from finetune.recipe import DATASETS, DatasetRecipe
 
@@ -23,11 +32,13 @@ __all__ = [
     "CheckpointError",
     "DataError",
     "DatasetRecipe",
+    "DivergedError",
     "FinetuneConfig",
     "FinetuneError",
     "FinetuneResult",
     "Generated",
     "RecipeError",
+    "ResourceError",
     "ResumeMismatchError",
     "finetune",
     "load_data",

@@ -156,6 +156,12 @@ def test_each_method_trains_what_it_says_through_the_loop(toy, method, trainable
     assert expected is None or result["trainable_params"] == expected
 
 
+def test_a_diverged_run_scores_zero_and_the_benchmark_goes_on(toy):
+    job = _job(toy, "linear")
+    result = run.train(run.Job(**{**job.__dict__, "lr": 1e36, "output": str(toy["root"] / "run-diverged")}))  # logits overflow to inf
+    assert result["acc"] == 0.0 and "diverged" in result["diverged"] and result["file"] is None
+
+
 def test_rlrr_exports_with_export_onnx_to_the_same_predictions(toy):
     result = run.train(_job(toy, "rlrr", export=True))
     assert result["same_predictions"] == result["test_images"] == 40

@@ -43,10 +43,16 @@ def document(raw: dict, command: str) -> dict:
         for m in settings["methods"]:
             runs = sorted((r for r in raw["final"] if r["task"] == task and r["method"] == m), key=lambda r: r["seed"])
             sweep = {f"{r['lr']:g}": r["acc"] for r in raw["sweep"] if r["task"] == task and r["method"] == m}
-            row = {"label": METHODS[m].label, "trainable_params": runs[0]["trainable_params"], "accuracy": [r["acc"] for r in runs],
+            row = {"label": METHODS[m].label, "trainable_params": max(r["trainable_params"] or 0 for r in runs), "accuracy": [r["acc"] for r in runs],
                    "seeds": [r["seed"] for r in runs], "lr": raw["chosen"][task][m], "sweep_val_accuracy": sweep,
                    "wall_s": [r["wall_s"] for r in runs]}
+            diverged = [f"{r['phase']} lr {r['lr']:g} seed {r['seed']}" for r in raw["sweep"] + raw["final"]
+                        if r["task"] == task and r["method"] == m and r.get("diverged")]
+            if diverged:
+                row["diverged"] = diverged  # scored 0
             if METHODS[m].exports:
+                runs = [r if "onnx_acc" in r else {**r, "onnx_acc": 0.0, "torch_acc": 0.0, "same_predictions": 0, "export_s": 0.0,
+                                                   "export": {"max_rel_error": None}} for r in runs]  # a diverged run has no export
                 row["onnx_accuracy"] = [r["onnx_acc"] for r in runs]
                 row["onnx_same_predictions"] = [r["same_predictions"] for r in runs]
                 row["torch_accuracy_recomputed"] = [r["torch_acc"] for r in runs]

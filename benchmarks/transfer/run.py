@@ -69,7 +69,7 @@ def train(job: Job) -> dict:
     import torch
 
     from benchmarks.transfer import deploy
-    from finetune import FinetuneConfig, finetune
+    from finetune import DivergedError, FinetuneConfig, finetune
 
     torch.set_num_threads(1)
     method = METHODS[job.method]
@@ -79,7 +79,11 @@ def train(job: Job) -> dict:
                             workers=0, seed=job.seed, output=job.output, force=True, progress="none", evaluate_test=False,
                             keep_checkpoints=1)
     start = time.perf_counter()
-    result = finetune(config, adapt=method.adapt)
+    try:
+        result = finetune(config, adapt=method.adapt)
+    except DivergedError as e:  # a learning rate too high for this method: it scores nothing, the benchmark goes on
+        return {**asdict(job), "acc": 0.0, "diverged": str(e), "curve": [], "wall_s": round(time.perf_counter() - start, 1),
+                "trainable_params": None, "file": None}
     seconds = time.perf_counter() - start
     out = {**asdict(job), "acc": result.history[-1]["val_acc"], "curve": [round(r["val_acc"], 4) for r in result.history],
            "wall_s": round(seconds, 1), "trainable_params": sum(p.numel() for p in result.model.parameters() if p.requires_grad),
@@ -109,6 +113,7 @@ def run_jobs(jobs: list[Job], workers: int, log: Log, loads: list[float]) -> lis
             results[i] = r = future.result()
             loads.append(os.getloadavg()[0])
             extra = f", onnxruntime {r['onnx_acc']:.1%} ({r['same_predictions']}/{r['test_images']} same predictions)" if "onnx_acc" in r else ""
+            extra += " (DIVERGED: scored 0)" if r.get("diverged") else ""
             log(f"  [{n}/{len(jobs)}] {r['phase']} {r['task']} {r['method']} lr {r['lr']:g} seed {r['seed']}: "
                 f"{'val' if r['phase'] == 'sweep' else 'test'} {r['acc']:.1%}{extra} ({r['wall_s']:.0f} s)")
     return results  # type: ignore[return-value]
@@ -180,7 +185,7 @@ def keep_files(raw: dict, dest: Path) -> dict[str, dict[str, str]]:
     for task in raw["settings"]["tasks"]:
         kept[task] = {}
         for method, name in (("rlrr", "rlrr_best.safetensors"), ("linear", "linear_head.safetensors")):
-            runs = [r for r in raw["final"] if r["task"] == task and r["method"] == method]
+            runs = [r for r in raw["final"] if r["task"] == task and r["method"] == method and r["file"]]
             if not runs:
                 continue
             best = sorted(runs, key=lambda r: (-r["acc"], r["seed"]))[0]

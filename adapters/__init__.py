@@ -8,6 +8,7 @@ from adapters.combine import combine_concat, combine_weighted
 from adapters.conv import ConvRescale, flatten_kernel, unflatten_kernel
 from adapters.linear import LinearRescale, rescale, scale_matrix
 from adapters.norm import ChannelScaleShift, NormScaleShift
+from adapters.per_row import conv2d_rows, linear_rows, scale_shift_rows
 from adapters.recompute import RecomputedLinear
 
 __all__ = [
@@ -24,8 +25,11 @@ __all__ = [
     "adapter_parameters",
     "combine_concat",
     "combine_weighted",
+    "conv2d_rows",
     "flatten_kernel",
+    "linear_rows",
     "rescale",
     "scale_matrix",
+    "scale_shift_rows",
     "unflatten_kernel",
 ]

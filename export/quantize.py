@@ -30,11 +30,13 @@ from export.localize import match_modules, node_modules
 from export.verify import make_inputs
 
 INT8_OPS = ("Conv", "MatMul", "Gemm")
-#: Top-1 agreement with the unmerged fp32 model an INT8 export must reach. Measured on the digits task
-#: (python -m benchmarks.quantize): healthy INT8 exports agree on 98.3-99.2 % of 359 test images (RLRR
-#: 98.3-98.9 % with 64 to 1,000 calibration images, the linear probe 99.2 %), flipping only low-margin
-#: decisions; a sensitive layer (the tests' hidden channel 300-1000x the others) drops it to 44-89 %.
-DEFAULT_MIN_AGREEMENT = 0.98
+#: Top-1 agreement with the unmerged fp32 model an INT8 export must reach. Measured on the transfer
+#: benchmark's real-image task (digits, 797 test images; python -m benchmarks.quantize): healthy INT8
+#: exports agree on 99.50-99.75 % (the RLRR adapter) and 98.24-98.75 % (the linear probe) over five
+#: calibration draws, flipping only low-margin decisions; a sensitive layer (the tests' hidden channel
+#: 300x the others) drops it to 44-89 %. 0.97 sits below the lowest healthy figure by about 1.5 standard
+#: deviations of a 256-image check at that rate, and far above the failures.
+DEFAULT_MIN_AGREEMENT = 0.97
 DEFAULT_CALIBRATION_IMAGES = 64
 DEFAULT_EVAL_IMAGES = 256
 

@@ -25,6 +25,7 @@ import rlrr
 from export.errors import ExportError, VerificationError, refusal
 from export.files import data_path
 from export.localize import exported_values, module_outputs
+from export.options import check_fraction, check_int
 from export.pipeline import ModelSpec, run_export
 from export.quantize import DEFAULT_CALIBRATION_IMAGES, DEFAULT_EVAL_IMAGES, DEFAULT_MIN_AGREEMENT, QuantOptions
 from export.report import ExportReport
@@ -235,6 +236,8 @@ def export_onnx(
     unmerged fp32 model on `eval_images` held-out inputs: it passes at `min_agreement` or above.
     """
     quantization = None
+    if dtype != "int8" and (calibration is not None or keep_fp32):
+        raise rlrr.ConfigError(f"calibration and keep_fp32 only apply to dtype='int8' (got dtype={dtype!r})")
     if dtype == "int8":
         quantization = QuantOptions(None if calibration is None else str(calibration), calibration_images, eval_images,
                                     tuple(keep_fp32), min_agreement)
@@ -260,9 +263,9 @@ def _add_arguments(parser) -> None:
     q = parser.add_argument_group("INT8 (--dtype int8: static QDQ quantization with onnxruntime, checked by top-1 agreement)")
     q.add_argument("--calibration", metavar="DIR", help="calibration images: an ImageFolder tree or the fine-tuning data layout; "
                    "held-out images (test/val split) check agreement (default: seeded random inputs, which say little)")
-    q.add_argument("--calibration-images", type=_count, default=DEFAULT_CALIBRATION_IMAGES, metavar="N",
+    q.add_argument("--calibration-images", type=_count("calibration images"), default=DEFAULT_CALIBRATION_IMAGES, metavar="N",
                    help=f"images that set the activation ranges (default {DEFAULT_CALIBRATION_IMAGES})")
-    q.add_argument("--eval-images", type=_count, default=DEFAULT_EVAL_IMAGES, metavar="N",
+    q.add_argument("--eval-images", type=_count("held-out images"), default=DEFAULT_EVAL_IMAGES, metavar="N",
                    help=f"held-out images the agreement is measured on (default {DEFAULT_EVAL_IMAGES})")
     q.add_argument("--keep-fp32", action="append", default=[], metavar="GLOB",
                    help="keep the modules matching GLOB (module names, e.g. 'blocks.11.mlp.fc2' or 'head') in float; repeatable")
@@ -277,21 +280,26 @@ def _fraction(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be within [0, 1] (a fraction of inputs, 0.99 = 99 %), got {text}")
-    return value
+    try:
+        return check_fraction("--min-agreement", value)
+    except rlrr.ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _count(text: str) -> int:
+def _count(what: str):
     import argparse
 
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        try:
+            return check_int(what, value)
+        except rlrr.ConfigError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return convert
 
 
 def _make_exporter(args) -> OnnxExporter:

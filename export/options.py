@@ -28,6 +28,8 @@ LIMITS = {
     "rank": (1, None),  # the upper bound depends on the layers: rlrr checks it
     "image size": (1, 4096),
     "class count": (0, 1_000_000),  # 0: a headless model (features)
+    "calibration images": (1, 100_000),  # INT8; with the held-out images, also within INPUT_BUDGET once the shape is known
+    "held-out images": (1, 100_000),
 }
 INPUT_BUDGET = 4 * 2**30  # bytes: all seeded verification inputs together (batch sizes x inputs x C x H x W x 4)
 #: builder arguments that load weights or reach the network: base weights come from `weights` / --weights only
@@ -55,6 +57,17 @@ def check_tolerance(value) -> float:
         number = math.nan
     if not (math.isfinite(number) and 0 < number < 1):
         raise rlrr.ConfigError(f"tolerance must be a finite number above 0 and below 1 (relative to the output's scale), got {value!r}")
+    return number
+
+
+def check_fraction(what: str, value) -> float:
+    """A fraction of inputs, within [0, 1] (0.99 = 99 %)."""
+    try:
+        number = float(value) if not isinstance(value, (bool, str)) else math.nan
+    except (TypeError, ValueError, OverflowError):
+        number = math.nan
+    if not 0.0 <= number <= 1.0:  # NaN fails too
+        raise rlrr.ConfigError(f"{what} must be a fraction within [0, 1] (0.99 = 99 % of inputs), got {value!r}")
     return number
 
 
@@ -129,4 +142,11 @@ def check_budget(shape: Sequence[int], batch_sizes: Sequence[int], inputs_per_ba
         raise rlrr.ConfigError(f"the verification inputs would take {need / 2**30:.1f} GiB (batch sizes {list(batch_sizes)} x {inputs_per_batch} inputs "
                                f"x {tuple(shape)}), above {INPUT_BUDGET / 2**30:.0f} GiB: use smaller batch sizes or fewer --inputs")
 
+
+def check_image_budget(shape: Sequence[int], images: int) -> None:
+    """INT8's calibration and held-out images, held in memory together, fit in INPUT_BUDGET."""
+    need = 4 * images * math.prod(shape)
+    if need > INPUT_BUDGET:
+        raise rlrr.ConfigError(f"{images} calibration and held-out images of {tuple(shape)} would take {need / 2**30:.1f} GiB, above "
+                               f"{INPUT_BUDGET / 2**30:.0f} GiB: use fewer --calibration-images or --eval-images")
 

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 import rlrr
 from export.calibration import read_image_sets
 from export.localize import match_modules, node_modules
+from export.options import check_fraction, check_image_budget, check_int, check_path
 from export.verify import make_inputs
 
 INT8_OPS = ("Conv", "MatMul", "Gemm")
@@ -56,13 +57,14 @@ class QuantOptions:
     min_agreement: float = DEFAULT_MIN_AGREEMENT  # top-1 agreement needed to pass
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.min_agreement <= 1.0:
-            raise rlrr.ConfigError(f"min_agreement must be within [0, 1] (a fraction of inputs), got {self.min_agreement}")
-        for name in ("calibration_images", "eval_images"):
-            if int(getattr(self, name)) < 1:
-                raise rlrr.ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if any(not isinstance(p, str) or not p for p in self.keep_fp32):
-            raise rlrr.ConfigError(f"keep_fp32 takes non-empty module-name patterns, got {list(self.keep_fp32)}")
+        if self.calibration is not None:
+            object.__setattr__(self, "calibration", check_path(self.calibration, "--calibration"))
+        object.__setattr__(self, "calibration_images", check_int("calibration images", self.calibration_images))
+        object.__setattr__(self, "eval_images", check_int("held-out images", self.eval_images))
+        object.__setattr__(self, "min_agreement", check_fraction("min agreement", self.min_agreement))
+        if isinstance(self.keep_fp32, str) or any(not isinstance(p, str) or not p.strip() for p in self.keep_fp32):
+            raise rlrr.ConfigError(f"keep_fp32 takes a list of non-empty module-name patterns, got {self.keep_fp32!r}")
+        object.__setattr__(self, "keep_fp32", tuple(self.keep_fp32))
 
 
 @dataclass
@@ -95,6 +97,7 @@ def kept_modules(model: nn.Module, patterns: Sequence[str]) -> list[str]:
 def prepare(model: nn.Module, shape: Sequence[int], options: QuantOptions, *, seed: int, batch: int) -> Int8Inputs:
     """Read (or draw) the calibration and held-out inputs and resolve `keep_fp32`, before any export."""
     keep = kept_modules(model, options.keep_fp32)
+    check_image_budget(shape, options.calibration_images + options.eval_images)
     if options.calibration is not None:
         calib, held = read_image_sets(options.calibration, model, shape, calibration=options.calibration_images,
                                       evaluation=options.eval_images, seed=seed)

@@ -12,7 +12,8 @@ What is checked:
 - the tolerance scaled to a model's own fp32 conditioning (a difference of two large sums);
 - bf16 beside fp16 for TorchScript and .pt2;
 - bad input (unknown dtype, empty calibration folder, agreement outside [0, 1], a --keep-fp32
-  glob that matches nothing, INT8 options without int8, INT8 in TorchScript): exit 2, nothing written.
+  glob that matches nothing, INT8 options without int8, INT8 in TorchScript): exit 2, nothing written;
+  the library's QuantOptions refuse the same values with rlrr.ConfigError.
 
 Size caps for CI: the 2-block ViT at 32 px of tests/test_export.py, 16 calibration and 64 held-out inputs.
 """
@@ -20,6 +21,7 @@ Size caps for CI: the 2-block ViT at 32 px of tests/test_export.py, 16 calibrati
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -260,6 +262,8 @@ TINY_ARGS = ["--model", "vit_tiny_patch16_224", "--img-size", "32", "--model-kwa
     [
         (onnx_main, ["--dtype", "int4"], "invalid choice: 'int4'"),
         (onnx_main, ["--dtype", "int8", "--min-agreement", "1.5"], "within [0, 1]"),
+        (onnx_main, ["--dtype", "int8", "--min-agreement", "nan"], "within [0, 1]"),
+        (onnx_main, ["--dtype", "int8", "--calibration-images", "0"], "calibration images must be a whole number from 1"),
         (onnx_main, ["--dtype", "int8", "--calibration", "EMPTY"], "holds no images"),
         (onnx_main, ["--dtype", "int8", "--keep-fp32", "blocks.9.*"], "--keep-fp32 'blocks.9.*' matches no module"),
         (onnx_main, ["--keep-fp32", "head"], "--keep-fp32 only apply to --dtype int8"),
@@ -282,6 +286,24 @@ def test_cli_bad_quantization_input_exits_2_and_writes_nothing(main, args, needl
     assert list(out.iterdir()) == []
 
 
+@pytest.mark.parametrize(("options", "needle"), [
+    ({"min_agreement": float("nan")}, "within [0, 1]"), ({"min_agreement": "0.9"}, "within [0, 1]"),
+    ({"eval_images": 0}, "held-out images must be"), ({"keep_fp32": "head"}, "a list of non-empty"),
+    ({"calibration": ""}, "empty path"),
+])
+def test_quant_options_refuse_bad_values_with_config_error(options, needle):
+    from export.quantize import QuantOptions
+
+    with pytest.raises(rlrr.ConfigError, match=re.escape(needle)):
+        QuantOptions(**options)
+
+
+def test_int8_options_without_int8_are_refused(tmp_path):
+    with pytest.raises(rlrr.ConfigError, match="only apply to dtype='int8'"):
+        export_onnx(TINY_VIT, tmp_path / "m.onnx", keep_fp32=["head"], **QUICK)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_the_default_min_agreement_is_documented():
     assert 0.9 <= DEFAULT_MIN_AGREEMENT <= 1.0
     docs = (Path(__file__).resolve().parents[1] / "docs" / "export.md").read_text()
@@ -289,18 +311,6 @@ def test_the_default_min_agreement_is_documented():
 
 
 # --- the benchmark's task and tables ---------------------------------------------------------------
-
-
-def test_digits_task_is_an_image_folder_split_per_class(tmp_path):
-    from benchmarks.digits import write_digits
-
-    root = write_digits(tmp_path / "digits")
-    files = {s: sorted((root / s).rglob("*.png")) for s in ("train", "val", "test")}
-    assert sum(len(f) for f in files.values()) == 1797 and not (tmp_path / "digits.tmp").exists()
-    assert sorted(p.name for p in (root / "test").iterdir()) == [str(d) for d in range(10)]
-    names = [{p.name for p in f} for f in files.values()]
-    assert not (names[0] & names[1] or names[0] & names[2] or names[1] & names[2])  # one image, one split
-    assert 0.55 < len(files["train"]) / 1797 < 0.65 and Image.open(files["test"][0]).size == (8, 8)
 
 
 def test_committed_quantize_table_is_what_its_json_gives():

@@ -173,15 +173,17 @@ def agreement(expected: Sequence[Sequence[Tensor]], got: Sequence[Sequence], min
     """Top-1 agreement of the first output (the logits) with the unmerged model, and its relative errors.
 
     Relative error per sample: max |got - expected| / max |expected| over that sample's logits.
+    `classes`: how many distinct top-1 classes the fp32 model gives: 1 means agreement is vacuous.
     """
-    same, total, rel = 0, 0, []
+    same, total, rel, classes = 0, 0, [], set()
     for exp_outputs, got_outputs in zip(expected, got):
         e = exp_outputs[0].double().reshape(exp_outputs[0].shape[0], -1)
         g = torch.as_tensor(np.asarray(got_outputs[0])).double().reshape(e.shape)
         same += int((g.argmax(1) == e.argmax(1)).sum())
+        classes.update(e.argmax(1).tolist())
         total += e.shape[0]
         scale = e.abs().amax(1).clamp_min(1e-30)
         rel += ((g - e).abs().amax(1) / scale).tolist()
     top1 = same / total if total else 0.0
     return {"top1": top1, "agree": same, "samples": total, "mean_rel": float(np.mean(rel)) if rel else 0.0,
-            "max_rel": float(np.max(rel)) if rel else 0.0, "min_agreement": min_agreement, "passed": top1 >= min_agreement}
+            "max_rel": float(np.max(rel)) if rel else 0.0, "classes": len(classes), "min_agreement": min_agreement, "passed": top1 >= min_agreement}

@@ -123,7 +123,8 @@ class ExportReport:
         if self.verified and self.agreement is not None:
             a = self.agreement
             lines += ["", f"  agreement    : top-1 {a['top1']:.2%} ({a['agree']}/{a['samples']}) with the unmerged fp32 model, "
-                          f"min {a['min_agreement']:.2%}: {'pass' if a['passed'] else 'FAIL'}",
+                          f"min {a['min_agreement']:.2%}: {'pass' if a['passed'] else 'FAIL'}"
+                          + (f" (the fp32 model's top-1 takes {a['classes']} distinct class(es) on these inputs)" if "classes" in a else ""),
                       f"  logits       : relative error mean {a['mean_rel']:.3e}, max {a['max_rel']:.3e} (per sample, against its max |logit|)",
                       f"  checked on   : {self.quantization['checked_on'] if self.quantization else ''}"]
         elif self.verified:

@@ -134,7 +134,7 @@ def test_agreement_counts_top1_and_relative_errors_per_sample():
     expected = [[torch.tensor([[1.0, 2.0, 0.0], [4.0, 0.0, 1.0]])]]
     got = [[np.array([[1.0, 2.5, 0.0], [0.0, 4.0, 1.0]], dtype=np.float32)]]
     a = agreement(expected, got, 0.9)
-    assert (a["agree"], a["samples"], a["top1"], a["passed"]) == (1, 2, 0.5, False)
+    assert (a["agree"], a["samples"], a["top1"], a["passed"], a["classes"]) == (1, 2, 0.5, False, 2)
     assert a["mean_rel"] == pytest.approx((0.25 + 1.0) / 2) and a["max_rel"] == pytest.approx(1.0)
 
 

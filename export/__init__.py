@@ -21,6 +21,8 @@ _LAZY = {
     "quantize_int8": "export.quantize",
     "agreement": "export.quantize",
     "read_images": "export.calibration",
+    "wake": "export.wake",
+    "make_inputs": "export.verify",
 }
 
 __all__ = ["FoldReport", "fold", "fold_with_report", *_LAZY]

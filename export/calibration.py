@@ -159,8 +159,8 @@ def load_images(items: Sequence[tuple[Path, int]], transform, description: str) 
         try:
             with Image.open(path) as img:
                 tensors.append(transform(img.convert("RGB")))
-        except (OSError, ValueError) as e:
-            raise rlrr.ConfigError(f"cannot read calibration image {path}: {e}") from e
+        except (OSError, ValueError, Image.DecompressionBombError) as e:  # unreadable, truncated, not an image, a pixel bomb
+            raise rlrr.ConfigError(f"cannot read calibration image {path}: {type(e).__name__}: {e}") from e
         labels.append(label)
     return ImageSet(torch.stack(tensors), torch.tensor(labels, dtype=torch.long), description, [str(p) for p, _ in items])
 

@@ -198,7 +198,7 @@ def _short(path: Path) -> str:
 
 
 def markdown(doc: dict) -> str:
-    lines = [f"# Quantized exports (`{doc.get('command', 'python -m benchmarks.quantize')}`, {doc['date']}, {doc.get('wall_s', '?')} s)", ""]
+    lines = [f"# Quantized exports (`{doc.get('command', 'python -m benchmarks.quantize').strip()}`, {doc['date']}, {doc.get('wall_s', '?')} s)", ""]
     lat = doc["latency"] or {"model": "not measured (--skip-latency)", "providers": [], "batch": "-", "threads": "-", "rounds": 0,
                              "ratio_vs_fp32": {}, "median_ms": {}, "size_bytes": {}, "size_vs_fp32": {}}
     lines += [f"## Latency and size: {lat['model']}", "",

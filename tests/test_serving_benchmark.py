@@ -1,0 +1,43 @@
+"""The serving benchmark's logic, never its speed: the committed table is what the committed raw
+results give, ratios are paired within rounds, and the weight budgets add up from the sizes.
+
+Timing belongs to `python -m benchmarks serving`; here nothing is timed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks import measure as M
+from benchmarks.serving import BATCH, analyse, markdown
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+
+
+@pytest.fixture(scope="module")
+def committed() -> dict:
+    return json.loads((RESULTS / "serving.json").read_text())
+
+
+def test_committed_table_is_what_the_committed_raw_results_give(committed):
+    assert markdown(committed, analyse(committed)) == (RESULTS / "serving.md").read_text(), (
+        "the table is stale: python -m benchmarks.serving --report benchmarks/results/serving.json")
+
+
+def test_ratios_are_paired_within_rounds(committed):
+    wall = committed["timing"]["wall"]
+    routed, folded = wall[f"routed4@{BATCH}"], wall[f"folded@{BATCH}"]
+    target = next(t for t in analyse(committed)["targets"] if t["target"].startswith("mixed batch of 16 over K = 4"))
+    assert target["measured"] == pytest.approx(M.median([a / b for a, b in zip(routed, folded)]))
+    assert len(routed) == len(folded) == committed["timing"]["rounds"]
+
+
+def test_weight_budgets_add_up_from_the_sizes(committed):
+    s, a = committed["sizes"], analyse(committed)
+    per_task = sum(t["adapter"] + t["head"] for t in s["tasks"])
+    assert a["server"]["budget"] == pytest.approx((s["folded_weights"] + per_task) * 1.05)
+    assert a["server"]["adapter_inputs"] == s["adapter_inputs_weights"] + sum(x["adapter"] + x["head"] for x in s["onnx_adapters"])
+    assert a["server"]["folded_models"] == len(s["tasks"]) * s["folded_weights"]

@@ -37,8 +37,8 @@ BATCH = 16
 # --- building the files ---------------------------------------------------------------------------
 
 
-def make_files(folder: Path, k: int, seed: int = 0, tiny: bool = False) -> tuple[Path, list[Path]]:
-    """Base weights and `k` random adapter files (non-zero adapters, random heads) of the ViT-S preset."""
+def make_files(folder: Path, k: int, seed: int = 0, tiny: bool = False, preset: str = PRESET) -> tuple[Path, list[Path]]:
+    """Base weights and `k` random adapter files (non-zero adapters, random heads) of a zoo preset."""
     import torch
     from torch import nn
     from safetensors.torch import save_file
@@ -49,22 +49,24 @@ def make_files(folder: Path, k: int, seed: int = 0, tiny: bool = False) -> tuple
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.manual_seed(seed)
-        plain = zoo.build_base(PRESET, CLASSES[0], tiny=tiny)
-        model = zoo.build(PRESET, num_classes=CLASSES[0], tiny=tiny)
+        plain = zoo.build_base(preset, CLASSES[0], tiny=tiny)
+        model = zoo.build(preset, num_classes=CLASSES[0], tiny=tiny)
     base = folder / "base.safetensors"
     save_file({n: t.contiguous() for n, t in plain.state_dict().items()}, str(base))
     del plain
     g = torch.Generator().manual_seed(seed)
+    head_name = zoo.classifier_name(model)
     paths = []
     for i in range(k):
         classes = CLASSES[i % len(CLASSES)]
-        model.head = nn.Linear(model.head.in_features, classes)  # this task's head, trained in full
+        head = model.get_submodule(head_name)
+        model.set_submodule(head_name, nn.Linear(head.in_features, classes))  # this task's head, trained in full
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if p.requires_grad:
                     p.copy_((1.0 if name.endswith("rlrr_scale") else 0.0) + torch.randn(p.shape, generator=g) * (0.1 if "rlrr_" in name else 0.02))
         path = folder / f"task{i}.safetensors"
-        meta = zoo.adapter_metadata(PRESET, num_classes=classes, tiny=tiny)
+        meta = zoo.adapter_metadata(preset, num_classes=classes, tiny=tiny)
         rlrr.save_adapter(model, path, metadata={**meta, "task": f"task{i}"})
         paths.append(path)
     return base, paths
@@ -309,7 +311,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS, help="folder for serving.{json,md,png}")
     p.add_argument("--report", type=Path, help="only rewrite the table and chart from this JSON")
     p.add_argument("--tiny", action="store_true", help="the preset's test-size twin (a smoke run of this script; figures mean nothing)")
+    p.add_argument("--write-files", type=Path, metavar="DIR",
+                   help="only write base weights and --tasks random adapter files of --preset into DIR, for python -m export.onnx")
+    p.add_argument("--preset", default=PRESET, help=f"zoo preset for --write-files (default {PRESET})")
+    p.add_argument("--tasks", type=int, default=3, help="adapter files for --write-files (default 3)")
     args = p.parse_args(argv)
+    if args.write_files:
+        args.write_files.mkdir(parents=True, exist_ok=True)
+        base, adapters = make_files(args.write_files, args.tasks, tiny=args.tiny, preset=args.preset)
+        print("\n".join(str(f) for f in (base, *adapters)))
+        return 0
     if args.report:
         doc = json.loads(args.report.read_text())
         print(Path(write_reports(doc, args.report.parent)["md"]).read_text())

@@ -41,3 +41,16 @@ def test_weight_budgets_add_up_from_the_sizes(committed):
     assert a["server"]["budget"] == pytest.approx((s["folded_weights"] + per_task) * 1.05)
     assert a["server"]["adapter_inputs"] == s["adapter_inputs_weights"] + sum(x["adapter"] + x["head"] for x in s["onnx_adapters"])
     assert a["server"]["folded_models"] == len(s["tasks"]) * s["folded_weights"]
+
+
+def test_write_files_gives_adapter_files_any_preset_can_route(tmp_path):
+    """`--write-files` for a conv preset: the head is the model's own classifier (`fc`), each file holds it."""
+    import rlrr
+    from benchmarks.serving import main
+
+    assert main(["--write-files", str(tmp_path), "--preset", "resnet18", "--tasks", "2", "--tiny"]) == 0
+    sets = [rlrr.read_adapter_file(tmp_path / f"task{i}.safetensors") for i in range(2)]
+    assert (tmp_path / "base.safetensors").is_file()
+    heads = [s.trained["fc.weight"].shape[0] for s in sets]
+    assert heads == [100, 37]
+    assert all(s.metadata["task"] == f"task{i}" for i, s in enumerate(sets))

@@ -197,6 +197,14 @@ def test_an_impossible_tolerance_fails_and_names_the_first_module(tmp_path):
     assert data["localisation"]["modules_compared"] >= 20
 
 
+def test_a_failed_fp16_check_is_localised_too(tmp_path):
+    with pytest.raises(VerificationError, match="first divergence: ") as info:
+        export_onnx(TINY_VIT, tmp_path / "h.onnx", dtype="fp16", tolerance=1e-7, **QUICK)
+    report = info.value.report
+    assert report.dtype == "fp16" and report.divergence and report.divergence[0]["tolerance"] == 1e-7
+    assert all(d["max_rel"] > 1e-7 for d in report.divergence) and list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("suffix", [".onnx", ".pt2"])
 def test_an_export_that_drifts_inside_a_module_is_traced_to_it(suffix, tmp_path):
     export = export_onnx if suffix == ".onnx" else export_torchscript

@@ -27,8 +27,14 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
 @torch.no_grad()
 def _outputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
     found: dict[str, torch.Tensor] = {}
-    hooks = [m.register_forward_hook(lambda mod, args, out, n=n: found.setdefault(n, out.detach()) if isinstance(out, torch.Tensor) else None)
-             for n, m in model.named_modules() if n and "parametrizations" not in n]
+
+    def keep(name: str):
+        def hook(module, args, out) -> None:  # returns None: the output is left as it is
+            if isinstance(out, torch.Tensor):
+                found.setdefault(name, out.detach())
+        return hook
+
+    hooks = [m.register_forward_hook(keep(n)) for n, m in model.named_modules() if n and "parametrizations" not in n]
     try:
         found[""] = model(x)
     finally:
@@ -55,7 +61,7 @@ def _attention_logits(model: nn.Module, outputs: dict[str, torch.Tensor]) -> flo
 def row(label: str, model: nn.Module, x: torch.Tensor) -> str:
     low, high = _outputs(model, x), _outputs(copy.deepcopy(model).double(), x.double())
     modules = sorted(((n, _relative(low[n], high[n])) for n in low if n and low[n].shape == high[n].shape), key=lambda p: -p[1])[:2]
-    return (f"| {label} | {_relative(low[''], high['']):.1e} | {float(high[''].abs().max()):.0f} | {_attention_logits(model, low):.0f} | "
+    return (f"| {label} | {_relative(low[''], high['']):.1e} | {float(high[''].abs().max()):.4g} | {_attention_logits(model, low):.4g} | "
             + ", ".join(f"{n} {e:.1e}" for n, e in modules) + " |")
 
 

@@ -43,9 +43,9 @@ def _outputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
     return found
 
 
-def _attention_logits(model: nn.Module, outputs: dict[str, torch.Tensor]) -> float:
-    """Largest |q·k * scale| over the attention modules whose qkv output was captured (timm's layouts)."""
-    worst = 0.0
+def _attention_logits(model: nn.Module, outputs: dict[str, torch.Tensor]) -> tuple[float, str]:
+    """Largest |q·k * scale| over the attention modules whose qkv output was captured (timm's layouts), and where."""
+    worst, where = 0.0, "-"
     for name, m in model.named_modules():
         qkv = outputs.get(f"{name}.qkv")
         if qkv is None or not hasattr(m, "num_heads"):
@@ -54,14 +54,16 @@ def _attention_logits(model: nn.Module, outputs: dict[str, torch.Tensor]) -> flo
         tokens = qkv.reshape(b, 3, heads, -1, qkv.shape[-2] * qkv.shape[-1]).permute(1, 0, 2, 4, 3) if qkv.dim() == 4 \
             else qkv.reshape(b, qkv.shape[1], 3, heads, -1).permute(2, 0, 3, 1, 4)
         q, k = tokens[0], tokens[1]
-        worst = max(worst, float(((q @ k.transpose(-2, -1)) * m.scale).abs().max()))
-    return worst
+        value = float(((q @ k.transpose(-2, -1)) * m.scale).abs().max())
+        worst, where = max((worst, where), (value, name))
+    return worst, where
 
 
 def row(label: str, model: nn.Module, x: torch.Tensor) -> str:
     low, high = _outputs(model, x), _outputs(copy.deepcopy(model).double(), x.double())
     modules = sorted(((n, _relative(low[n], high[n])) for n in low if n and low[n].shape == high[n].shape), key=lambda p: -p[1])[:2]
-    return (f"| {label} | {_relative(low[''], high['']):.1e} | {float(high[''].abs().max()):.4g} | {_attention_logits(model, low):.4g} | "
+    logit, where = _attention_logits(model, low)
+    return (f"| {label} | {_relative(low[''], high['']):.1e} | {float(high[''].abs().max()):.4g} | {logit:.4g} ({where}) | "
             + ", ".join(f"{n} {e:.1e}" for n, e in modules) + " |")
 
 

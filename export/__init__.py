@@ -5,6 +5,7 @@
 """
 
 from export.fold import FoldReport, fold, fold_with_report
+from export.wake import wake  # eager: the name would otherwise resolve to the submodule export.wake
 
 _LAZY = {
     "export_onnx": "export.onnx",
@@ -21,11 +22,10 @@ _LAZY = {
     "quantize_int8": "export.quantize",
     "agreement": "export.quantize",
     "read_images": "export.calibration",
-    "wake": "export.wake",
     "make_inputs": "export.verify",
 }
 
-__all__ = ["FoldReport", "fold", "fold_with_report", *_LAZY]
+__all__ = ["FoldReport", "fold", "fold_with_report", "wake", *_LAZY]
 
 
 def __getattr__(name: str):

@@ -337,6 +337,10 @@ def run_export(
                 if int8:
                     report.agreement = agreement(expected, got, quant.min_agreement)
                     report.passed = report.agreement["passed"]
+                    if report.agreement["classes"] == 1:
+                        warnings.warn("the unmerged fp32 model gives every checked input the same top-1 class, so top-1 agreement "
+                                      "cannot fail for lack of decisions to flip: check on real images (--calibration DIR)",
+                                      VacuousCheckWarning, stacklevel=1)
                 if not report.passed:  # where it departs; an fp32 default tolerance may scale with the model's conditioning
                     diagnose(report, run.model, exporter, files[0], fp32_files[0], inputs, expected, got, probes, fixed=fixed, cast=run.cast)
             if latency_runs > 0:

@@ -102,6 +102,25 @@ def test_int8_without_calibration_warns_that_random_inputs_say_little(tmp_path):
     assert any("RandomCalibrationWarning" in w and "says little" in w for w in report.warnings)
 
 
+class OneClass(nn.Module):
+    """Logits that vary with the input, but class 0 always wins by far: nothing for INT8 to flip."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.fc = nn.Linear(48, 8), nn.Linear(8, 3)  # body: something to adapt; fc: the head
+        with torch.no_grad():
+            self.fc.bias.copy_(torch.tensor([100.0, 0.0, 0.0]))
+
+    def forward(self, x):
+        return self.fc(self.body(x.flatten(1)))
+
+
+def test_int8_agreement_over_a_single_class_is_called_vacuous(tmp_path):
+    report = export_onnx(OneClass(), tmp_path / "o.onnx", input_shape=(3, 4, 4), min_agreement=0.5, **INT8)
+    assert report.agreement["classes"] == 1 and report.agreement["top1"] == 1.0
+    assert any("VacuousCheckWarning" in w and "same top-1 class" in w for w in report.warnings)
+
+
 def sensitive_vit() -> nn.Module:
     """A ViT whose block-1 MLP has two hidden channels 300x larger than the rest (ReLU keeps it exact).
     Seeded: how much INT8 loses depends on the draw (44-89 % agreement over six draws here)."""

@@ -21,17 +21,22 @@ from torch import Size, Tensor, nn
 from adapters.base import ADAPTER_PREFIX, FOLD_BLOCK, Adapter, Scaling, check_init, fold_dtype
 
 
-def scale_matrix(s_left: Tensor | None, s_right: Tensor | None, out_features: int, in_features: int) -> Tensor:
+def scale_matrix(s_left: Tensor | None, s_right: Tensor | None, out_features: int, in_features: int, *, fused: bool = False) -> Tensor:
     """M = S_right @ S_left per output chunk, broadcastable to (out, in).
 
     s_left: (chunks, r, in); s_right: (out, r). A missing side counts as ones (one-sided scaling,
-    Table 6), which needs r = 1.
+    Table 6), which needs r = 1. `fused=True` writes the same product as a broadcast multiply
+    summed over r, which a code generator (torch.compile) fuses into the loop that consumes M, so
+    M is never stored; evaluated eagerly that form would store r copies of (out, in).
     """
     if s_left is None:
         return s_right  # (out, 1): scales whole rows
     chunks, rank, _ = s_left.shape
     if s_right is None:
         return s_left.expand(chunks, out_features // chunks, in_features).reshape(out_features, in_features)
+    if fused:
+        left = s_left.unsqueeze(1).expand(chunks, out_features // chunks, rank, in_features).reshape(out_features, rank, in_features)
+        return (s_right.unsqueeze(-1) * left).sum(1)  # (out, r, in) summed over r: each row with its chunk's S_left
     right = s_right.reshape(chunks, out_features // chunks, rank)  # (chunks, out/chunks, r)
     # reason: bmm also at r = 1 (an exact outer product): its backward reads dM twice as two
     # matrix-vector products, where a broadcast multiply's allocates two (out, in) temporaries.
@@ -136,10 +141,14 @@ class LinearRescale(Adapter):
         return self.weight_from(w, self._param("s_left", dtype), self._param("s_right", dtype), self.scaling)
 
     @classmethod
-    def weight_from(cls, weight: Tensor, s_left: Tensor | None, s_right: Tensor | None, scaling: Scaling, *, out: Tensor | None = None) -> Tensor:
-        """W' from W and the scales passed in: `effective_weight` as a function of tensors (`out`: see `rescale`)."""
+    def weight_from(cls, weight: Tensor, s_left: Tensor | None, s_right: Tensor | None, scaling: Scaling, *, fused: bool = False,
+                    out: Tensor | None = None) -> Tensor:
+        """W' from W and the scales passed in: `effective_weight` as a function of tensors (what a compiler traces).
+
+        `fused`: see `scale_matrix`; `out`: see `rescale`.
+        """
         out_features, in_features = cls.matrix_shape(weight.shape)
-        m = scale_matrix(s_left, s_right, out_features, in_features).expand(out_features, in_features)
+        m = scale_matrix(s_left, s_right, out_features, in_features, fused=fused).expand(out_features, in_features)
         return rescale(weight, cls.unflatten(m, weight.shape), scaling, out=out)
 
     def effective_bias(self, bias: Tensor, dtype: torch.dtype | None = None) -> Tensor:

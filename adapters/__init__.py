@@ -9,6 +9,7 @@ from adapters.conv import ConvRescale, flatten_kernel, unflatten_kernel
 from adapters.kernels import EAGER, compiled as compiled_kernels
 from adapters.linear import LinearRescale, rescale, scale_matrix
 from adapters.norm import ChannelScaleShift, NormScaleShift
+from adapters.per_row import conv2d_rows, linear_rows, scale_shift_rows
 from adapters.recompute import RecomputedLinear
 
 __all__ = [
@@ -27,8 +28,11 @@ __all__ = [
     "combine_concat",
     "combine_weighted",
     "compiled_kernels",
+    "conv2d_rows",
     "flatten_kernel",
+    "linear_rows",
     "rescale",
     "scale_matrix",
+    "scale_shift_rows",
     "unflatten_kernel",
 ]

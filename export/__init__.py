@@ -8,6 +8,7 @@ from export.fold import FoldReport, fold, fold_with_report
 
 _LAZY = {
     "export_onnx": "export.onnx",
+    "export_multitask": "export.multitask",
     "export_torchscript": "export.torchscript",
     "ModelSpec": "export.pipeline",
     "ExportReport": "export.report",

@@ -18,8 +18,9 @@ import zoo
 from adapters import LinearRescale, NormScaleShift
 from export.wake import wake
 
-#: Keys `export` reads from (and `save_export_adapter` writes into) an adapter file's metadata.
-META_KEYS = ("model", "num_classes", "img_size", "model_kwargs", "preset", "tiny")
+#: Keys `export` reads from (and `save_export_adapter` writes into) an adapter file's metadata, and their JSON types.
+META_TYPES = {"model": (str,), "num_classes": (int,), "img_size": (int, list), "model_kwargs": (dict,), "preset": (str,), "tiny": (bool,)}
+META_KEYS = tuple(META_TYPES)
 
 
 @dataclass
@@ -35,7 +36,13 @@ class AdapterInfo:
 def read_metadata(path: str | os.PathLike) -> dict:
     """The model-building keys an adapter file carries (model, num_classes, img_size, model_kwargs; zoo: preset, tiny)."""
     user = rlrr.read_adapter_file(path).metadata
-    return {k: user[k] for k in META_KEYS if user.get(k) is not None}
+    if not isinstance(user, dict):
+        raise rlrr.AdapterFileError(f"{path}: its user metadata is {type(user).__name__}, not a JSON object")
+    meta = {k: user[k] for k in META_KEYS if user.get(k) is not None}
+    for key, value in meta.items():  # values and ranges are checked where they are used (export.ModelSpec)
+        if not isinstance(value, META_TYPES[key]) or (isinstance(value, bool) and key != "tiny"):
+            raise rlrr.AdapterFileError(f"{path}: metadata {key!r} is {value!r}, not {' or '.join(t.__name__ for t in META_TYPES[key])}")
+    return meta
 
 
 def save_export_adapter(model: nn.Module, path: str | os.PathLike, *, model_name: str, num_classes: int | None = None,

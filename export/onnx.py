@@ -21,16 +21,28 @@ from pathlib import Path
 import numpy as np
 from torch import Tensor, nn
 
-from export.errors import ExportError, VerificationError
+import rlrr
+from export.errors import ExportError, VerificationError, refusal
 from export.files import data_path
 from export.pipeline import ModelSpec, run_export
 from export.report import ExportReport
 from export.verify import PROVIDERS, Session, make_session, provider_list
 
 DEFAULT_OPSET = 20  # torch 2.14's default; onnxruntime >= 1.17 runs it
+MIN_OPSET = 18  # torch's dynamo exporter writes at least this (it silently raised a lower request)
 EXTERNAL_DATA = ("auto", "yes", "no")
 PROTOBUF_LIMIT = 2**31  # a single .onnx file cannot exceed 2 GiB
 _MARGIN = 64 * 2**20  # room for the graph itself
+
+
+def check_opset(opset) -> int:
+    """An opset the exporter writes as asked: from MIN_OPSET to the newest the installed onnx knows."""
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= newest:
+        raise rlrr.ConfigError(f"opset must be a whole number from {MIN_OPSET} to {newest} (the installed onnx's newest), got {opset!r}")
+    return opset
 
 
 def model_bytes(model: nn.Module) -> int:
@@ -89,12 +101,14 @@ class OnnxExporter:
 
     tool = "export.onnx"
     format = "onnx"
+    suffix = ".onnx"
 
     def __init__(self, *, opset: int = DEFAULT_OPSET, provider: str = "auto", external_data: str = "auto") -> None:
         if provider not in PROVIDERS:
-            raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
+            raise rlrr.ConfigError(f"provider must be one of {PROVIDERS}, got {provider!r}")
         if external_data not in EXTERNAL_DATA:
-            raise ValueError(f"external_data must be one of {EXTERNAL_DATA}, got {external_data!r}")
+            raise rlrr.ConfigError(f"external_data must be one of {EXTERNAL_DATA}, got {external_data!r}")
+        opset = check_opset(opset)
         self.opset, self.provider, self.external_data = opset, provider, external_data
         self.used_external: bool | None = None
 
@@ -126,11 +140,11 @@ class OnnxExporter:
                 model, (example,), str(path), dynamo=True, dynamic_shapes=({0: batch},), external_data=external,
                 opset_version=self.opset, input_names=["input"], output_names=output_names, verbose=False,
             )
-        except Exception as e:  # the exporter raises many kinds; all mean "this model did not export"
+        except Exception as e:  # the exporter raises many kinds; all mean "this model did not export", unless the system refused
             op = unsupported_op(e)
             what = f"op {op} has no ONNX translation at opset {self.opset}" if op else _summary(e)
             hint = " (register one with torch.onnx's custom_translation_table, or replace the op)" if op else ""
-            raise ExportError(f"torch.onnx cannot export {type(model).__name__}: {what}{hint}") from e
+            raise refusal(e, f"writing {path.name}") or ExportError(f"torch.onnx cannot export {type(model).__name__}: {what}{hint}") from e
         files = [path] + ([data_path(path)] if data_path(path).exists() else [])
         return files
 
@@ -138,9 +152,17 @@ class OnnxExporter:
         import onnx
 
         try:
+            proto = onnx.load(str(path), load_external_data=False)
+            written = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+            del proto
+            if written != self.opset:  # torch's version converter gave up and kept its own opset
+                raise ExportError(f"torch.onnx cannot convert this model to opset {self.opset} (the file is opset {written}): choose another --opset; "
+                                  f"{DEFAULT_OPSET} is tested")
             onnx.checker.check_model(str(path), full_check=True)  # by path: works past 2 GB
+        except ExportError:
+            raise
         except Exception as e:
-            raise ExportError(f"onnx.checker rejects the exported file: {type(e).__name__}: {e}") from e
+            raise refusal(e, f"checking {path.name}") or ExportError(f"onnx.checker rejects the exported file: {type(e).__name__}: {e}") from e
 
     def load(self, path: Path) -> OnnxRunner:
         try:
@@ -148,7 +170,7 @@ class OnnxExporter:
         except (ImportError, ExportError):
             raise
         except Exception as e:
-            raise ExportError(f"onnxruntime cannot load the exported file: {type(e).__name__}: {e}") from e
+            raise refusal(e, f"loading {path.name}") or ExportError(f"onnxruntime cannot load the exported file: {type(e).__name__}: {e}") from e
 
 
 def export_onnx(
@@ -202,6 +224,10 @@ def _add_arguments(parser) -> None:
                        help="onnxruntime provider for verification and latency: auto = CUDA where onnxruntime-gpu and a GPU are present, else CPU (default auto)")
     group.add_argument("--external-data", choices=EXTERNAL_DATA, default="auto",
                        help="write weights to OUT.data: auto = only above ONNX's 2 GB single-file limit (default auto)")
+    group.add_argument("--adapter-inputs", action="store_true",
+                       help="with --adapter files: a base file whose adapter tensors and head are graph inputs, plus one "
+                            "OUT-stem.<task>.onnx_adapter per task for onnxruntime's LoraAdapter (default: one routed file "
+                            "with a task input; docs/serving.md)")
 
 
 def _make_exporter(args) -> OnnxExporter:
@@ -210,8 +236,10 @@ def _make_exporter(args) -> OnnxExporter:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from export.cli import run_cli
+    from export.multitask import run_many
 
-    return run_cli(argv, prog="python -m export.onnx", doc=__doc__, suffix=".onnx", add_arguments=_add_arguments, make_exporter=_make_exporter)
+    return run_cli(argv, prog="python -m export.onnx", doc=__doc__, suffix=".onnx", add_arguments=_add_arguments,
+                   make_exporter=_make_exporter, run_many=run_many)
 
 
 if __name__ == "__main__":

@@ -27,16 +27,16 @@ from torch import Tensor, nn
 import rlrr
 import zoo
 from export.adapt import AdapterInfo, describe_random, random_adapter, read_metadata
-from export.errors import VacuousCheckWarning, VerificationError
-from export.files import Staging, report_path
+from export.errors import ModelError, VacuousCheckWarning, VerificationError, refusal
+from export.files import Staging, output_path, report_path
+from export.options import LOADING_KWARGS, check_budget, check_img_size, check_int, check_options, check_path, check_shape, input_file
 from export.fold import fold_with_report
 from export.report import ExportReport, Latency, ModelInfo
-from export.verify import DEFAULT_TOLERANCE, compare, flatten, make_inputs, median_latency, paired_latency, reference_outputs, sample_independent
+from export.verify import compare, flatten, make_inputs, median_latency, paired_latency, reference_outputs, sample_independent
 from export.wake import wake
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 Progress = Callable[[str, "float | None"], None]  # (step text, None at start / seconds at the end)
-
 
 @dataclass
 class ModelSpec:
@@ -49,6 +49,27 @@ class ModelSpec:
     weights: str | os.PathLike | None = None  # local base weights; None: random init, woken (see export.wake)
     preset: str | None = None  # a zoo preset named by the adapter file: built through zoo.build_base
     tiny: bool = False  # the zoo preset's test-size twin
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.strip() or "\x00" in self.name:
+            raise rlrr.ConfigError(f"model name must be a non-empty name such as 'resnet50', got {self.name!r}")
+        if self.num_classes is not None:
+            self.num_classes = check_int("class count", self.num_classes)
+        if self.img_size is not None:
+            self.img_size = check_img_size(self.img_size)
+        if not isinstance(self.model_kwargs, dict) or not all(isinstance(k, str) and k.isidentifier() for k in self.model_kwargs):
+            raise rlrr.ConfigError(f"model kwargs must be a dict of argument names to values, got {self.model_kwargs!r}")
+        if "num_classes" in self.model_kwargs:
+            raise rlrr.ConfigError(f"give the class count as num_classes (--num-classes), not in the model kwargs: {self.model_kwargs['num_classes']!r}")
+        loading = sorted(LOADING_KWARGS & set(self.model_kwargs))
+        if loading:
+            raise rlrr.ConfigError(f"model kwargs {loading} would load weights or download: base weights come only from a local file (--weights)")
+        if self.weights is not None:
+            check_path(self.weights, "weights", zoo.WeightsFileError)
+        if self.preset is not None and not isinstance(self.preset, str):
+            raise rlrr.ConfigError(f"preset must be a zoo preset name, got {self.preset!r}")
+        if not isinstance(self.tiny, bool):
+            raise rlrr.ConfigError(f"tiny must be True or False, got {self.tiny!r}")
 
 
 DEFAULT_SPEC = ModelSpec("vit_tiny_patch16_224", num_classes=10, img_size=224)
@@ -66,19 +87,40 @@ def resolve_spec(
     """The model to build: what the adapter file says (its metadata), overridden by the arguments.
 
     A name that contradicts the adapter file's raises AdapterMismatchError; no name and no file
-    gives the built-in demo (`DEFAULT_SPEC`).
+    gives the built-in demo (`DEFAULT_SPEC`). An adapter file may name a timm or torchvision
+    model or a zoo preset, never a `package.module:function` builder: a file cannot make the
+    exporter import code (pass that name yourself).
     """
+    if name is not None and (not isinstance(name, str) or not name.strip()):
+        raise rlrr.ConfigError(f"--model must be a model name such as 'resnet50', got {name!r}")
+    if adapter is not None:
+        adapter = input_file(adapter, "adapter", rlrr.AdapterFileError)
     meta = read_metadata(adapter) if adapter is not None else {}
     if name and meta.get("model") and _plain(name) != _plain(meta["model"]):
         raise rlrr.AdapterMismatchError(f"--model {name!r} but the adapter file {adapter} was made for {meta['model']!r}; drop --model or use the matching adapter")
     if adapter is not None and not name and not meta.get("model"):
         raise rlrr.ConfigError(f"the adapter file {adapter} does not say which model it was made for (no 'model' in its metadata): pass --model")
+    if not name and meta.get("model") and not meta.get("preset") and _builder(meta["model"]):
+        raise rlrr.ConfigError(f"the adapter file {adapter} names the Python builder {meta['model']!r} as its model; an adapter file cannot make "
+                               f"the exporter import code: pass --model {meta['model']} yourself if you trust it")
     if not name and adapter is None:
         default = DEFAULT_SPEC
-        return ModelSpec(default.name, num_classes or default.num_classes, img_size or default.img_size, dict(model_kwargs or {}), weights)
+        return ModelSpec(default.name, default.num_classes if num_classes is None else num_classes,
+                         default.img_size if img_size is None else img_size, dict(model_kwargs or {}), weights)
     kwargs = {**meta.get("model_kwargs", {}), **(model_kwargs or {})}
-    return ModelSpec(name or meta["model"], num_classes if num_classes is not None else meta.get("num_classes"),
-                     img_size or _size(meta.get("img_size")), kwargs, weights, meta.get("preset"), bool(meta.get("tiny", False)))
+    try:
+        return ModelSpec(name or meta["model"], num_classes if num_classes is not None else meta.get("num_classes"),
+                         img_size if img_size is not None else _size(meta.get("img_size")), kwargs, weights, meta.get("preset"), meta.get("tiny", False))
+    except rlrr.ConfigError as e:
+        if not meta:
+            raise
+        raise rlrr.ConfigError(f"{e} (from the options and the adapter file {adapter}'s metadata)") from None
+
+
+def _builder(name: str) -> bool:
+    """A `package.module:function` name (imports code), not a library name with a prefix."""
+    prefix, sep, _ = name.partition(":")
+    return bool(sep) and prefix not in ("timm", "torchvision", "tv")
 
 
 def _plain(name: str) -> str:
@@ -104,6 +146,7 @@ class Exporter(Protocol):
 
     tool: str
     format: str
+    suffix: str  # of the file it writes, for messages ("model.onnx")
 
     def options(self) -> dict: ...
 
@@ -198,15 +241,18 @@ def run_export(
     when verification passed or `keep_on_fail`; raises VerificationError (with the report) when
     outputs differ past `tolerance`. See `export.onnx.export_onnx` for the options.
     """
-    if dtype not in DTYPES:
-        raise rlrr.ConfigError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
-    batch_sizes = [int(b) for b in batch_sizes]
-    if not batch_sizes or min(batch_sizes) < 1 or inputs_per_batch < 1:
-        raise rlrr.ConfigError(f"batch sizes must be >= 1 and inputs per batch >= 1, got {batch_sizes} and {inputs_per_batch}")
+    batch_sizes, tolerance = check_options(dtype=dtype, dtypes=tuple(DTYPES), batch_sizes=batch_sizes, inputs_per_batch=inputs_per_batch, seed=seed, rank=rank,
+                                           tolerance=tolerance, latency_runs=latency_runs, warmup=warmup)
+    if adapter is not None:
+        adapter = input_file(adapter, "adapter", rlrr.AdapterFileError)
+    if input_shape is not None:
+        input_shape = check_shape(input_shape)
     spec = resolve_spec(model, adapter=adapter) if model is None or isinstance(model, str) else model if isinstance(model, ModelSpec) else None
-    tolerance = DEFAULT_TOLERANCE[dtype] if tolerance is None else float(tolerance)
-    out = Path(out)
-    staging = Staging(out, companions=[report_path(out), *exporter.companions(out)], inputs=[adapter, spec.weights if spec else None], force=force)
+    if spec is not None and spec.weights is not None:
+        input_file(spec.weights, "weights", zoo.WeightsFileError)
+    out = output_path(out, exporter.suffix)
+    staging = Staging(out, companions=[report_path(out), *exporter.companions(out)], inputs=[adapter, spec.weights if spec else None],
+                      force=force, suffix=exporter.suffix)
     with staging, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if verify:
@@ -219,7 +265,8 @@ def run_export(
                 model, info = _build(spec, seed)
         else:
             info = info or ModelInfo(name=type(model).__name__)
-        shape = tuple(input_shape) if input_shape is not None else zoo.input_size(model, *((spec.img_size, spec.model_kwargs) if spec else ()))
+        shape = input_shape or zoo.input_size(model, *((spec.img_size, spec.model_kwargs) if spec else ()))
+        check_budget(shape, batch_sizes, inputs_per_batch if verify else 0)
         run = _Run(model.eval(), exporter, staging, shape, DTYPES[dtype], seed)
         base_params = None if adapted else _count(model)
         base = model if timed else None  # kept plain for its own export
@@ -236,7 +283,7 @@ def run_export(
 
         inputs = make_inputs(shape, batch_sizes, inputs_per_batch, seed) if verify else []
         with steps(f"reference outputs of the unmerged model ({len(inputs)} inputs)"):
-            expected = reference_outputs(run.model, inputs)
+            expected = _forward(lambda: reference_outputs(run.model, inputs), f"running the adapted model on the {len(inputs)} verification inputs")
         for name in sample_independent(expected, run.names):
             warnings.warn(f"output {name!r} of the unmerged model is the same for every input sample, so the check cannot see "
                           "the weights through it (a zero-initialised head? load trained weights)", VacuousCheckWarning, stacklevel=1)
@@ -270,8 +317,7 @@ def run_export(
         report.warnings = [f"{w.category.__name__}: {w.message}" for w in caught if _ours(w.filename)] + [f"base weights: {n}" for n in info.notes]
         report.kept = report.passed is not False or keep_on_fail
         if report.kept:
-            staged_json = staging.path(out.name + ".json")
-            staged_json.write_text(report.to_json())
+            staged_json = staging.write_text(out.name + ".json", report.to_json())
             staging.commit([*[(f, out.with_name(f.name)) for f in reversed(files)], (staged_json, report_path(out))])
     if report.passed is False:
         worst = max(report.outputs, key=lambda o: o.max_rel)
@@ -283,6 +329,21 @@ def run_export(
     return report
 
 
+def _forward(run: Callable[[], object], doing: str):
+    """Run the model; its failure on the export's inputs is the model's or the options' (image size), not a bug here."""
+    try:
+        return run()
+    except rlrr.RLRRError:
+        raise
+    except Exception as e:
+        raise refusal(e, doing) or ModelError(f"{doing} failed: {type(e).__name__}: {_first_line(e)} (check --img-size and the model's arguments)") from e
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else "")[:500]
+
+
 class _Run:
     """What the steps share: the model being exported, where files go, the example input."""
 
@@ -292,7 +353,7 @@ class _Run:
         self.example = make_inputs(shape, [2], 1, seed + 7)[0]  # batch 2: an example batch of 1 gets specialised
         own = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         with torch.no_grad():
-            n = len(flatten(model(self.example.to(self.device, own))))
+            n = len(flatten(_forward(lambda: model(self.example.to(self.device, own)), f"running the model on an input of shape {(2, *shape)}")))
         self.names = ["output"] if n == 1 else [f"output{i}" for i in range(n)]
 
     def cast(self, x: Tensor) -> Tensor:
@@ -305,12 +366,21 @@ class _Run:
 
 
 def _build(spec: ModelSpec, seed: int) -> tuple[nn.Module, ModelInfo]:
+    """Build the base model; its random initialisation is seeded by `seed`, the caller's RNG untouched."""
     state = zoo.read_state_dict(spec.weights) if spec.weights else None  # an unreadable file fails before the build
-    if spec.preset:
-        model, info = _build_preset(spec)
-    else:
-        model, source = zoo.build_model(spec.name, num_classes=spec.num_classes, img_size=spec.img_size, model_kwargs=spec.model_kwargs)
-        info = ModelInfo(name=spec.name, source=source.library, weights="random init", kwargs=source.kwargs)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            if spec.preset:
+                model, info = _build_preset(spec)
+            else:
+                model, source = zoo.build_model(spec.name, num_classes=spec.num_classes, img_size=spec.img_size, model_kwargs=spec.model_kwargs)
+                info = ModelInfo(name=spec.name, source=source.library, weights="random init", kwargs=source.kwargs)
+    except rlrr.RLRRError:
+        raise
+    except Exception as e:  # a builder failing on the arguments given (embed_dim 0 ...): the arguments' fault
+        raise refusal(e, f"building {spec.name}") or ModelError(f"building model {spec.name!r} with {spec.model_kwargs} failed: "
+                                                                f"{type(e).__name__}: {_first_line(e)}") from e
     if state is not None:
         info.weights = str(spec.weights)
         with warnings.catch_warnings(record=True) as said:  # a head kept as built: a note of the report

@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from export.errors import ExportError, VerificationError
+import rlrr
+from export.errors import ExportError, VerificationError, refusal
 from export.pipeline import ModelSpec, run_export
 from export.report import ExportReport
 from export.verify import flatten
@@ -54,7 +55,7 @@ class TorchExporter:
 
     def __init__(self, format: str = "torchscript") -> None:
         if format not in FORMATS:
-            raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+            raise rlrr.ConfigError(f"format must be one of {FORMATS}, got {format!r}")
         self.format = format
         self.suffix = SUFFIXES[format]
 
@@ -84,7 +85,7 @@ class TorchExporter:
         except Exception as e:  # the tracers raise many kinds; all mean "this model did not export"
             via = "torch.export" if self.format == "pt2" else "torch.jit.trace"
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise ExportError(f"{via} cannot export {type(model).__name__}: {type(e).__name__}: {first[:800]}") from e
+            raise refusal(e, f"writing {path.name}") or ExportError(f"{via} cannot export {type(model).__name__}: {type(e).__name__}: {first[:800]}") from e
         return [path]
 
     def check(self, path: Path) -> None:
@@ -96,7 +97,7 @@ class TorchExporter:
                 return TorchRunner(torch.export.load(str(path)).module(), "ExportedProgram", ".pt2 reloaded with torch.export.load")
             return TorchRunner(torch.jit.load(str(path), map_location="cpu").eval(), "TorchScript module", "reloaded with torch.jit.load")
         except Exception as e:
-            raise ExportError(f"cannot reload the saved {self.format} file: {type(e).__name__}: {e}") from e
+            raise refusal(e, f"loading {path.name}") or ExportError(f"cannot reload the saved {self.format} file: {type(e).__name__}: {e}") from e
 
 
 def export_torchscript(
@@ -124,7 +125,7 @@ def export_torchscript(
     `format` defaults to the suffix of `out` (`.pt2` -> pt2, anything else TorchScript). The other
     arguments are `export.onnx.export_onnx`'s.
     """
-    format = format or ("pt2" if Path(out).suffix == ".pt2" else "torchscript")
+    format = _format(format, out)
     return run_export(
         model, out, TorchExporter(format), adapter=adapter, input_shape=input_shape, dtype=dtype, batch_sizes=batch_sizes,
         inputs_per_batch=inputs_per_batch, seed=seed, rank=rank, tolerance=tolerance, verify=verify,
@@ -138,9 +139,17 @@ def _add_arguments(parser) -> None:
                        help="torchscript (torch.jit.trace, .pt) or pt2 (torch.export, .pt2); default: from --out's suffix, else torchscript")
 
 
+def _format(format: str | None, out) -> str:
+    """The format asked, else the one `out`'s suffix names; a contradiction is an error, not a misnamed file."""
+    suffix = Path(os.fsdecode(os.fspath(out))).suffix if out is not None else ""
+    named = {v: k for k, v in SUFFIXES.items()}.get(suffix)
+    if format is not None and named is not None and named != format:
+        raise rlrr.ConfigError(f"format {format!r} but --out ends in {suffix!r} ({named}): make them agree (a {format} file is named *{SUFFIXES.get(format, '')})")
+    return format or ("pt2" if suffix == ".pt2" else "torchscript")
+
+
 def _make_exporter(args) -> TorchExporter:
-    fmt = args.format or ("pt2" if args.out and Path(args.out).suffix == ".pt2" else "torchscript")
-    return TorchExporter(fmt)
+    return TorchExporter(_format(args.format, args.out))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -5,13 +5,24 @@
                                      weights="ViT-B_16.npz", output="runs/cifar"))
     result.best_acc, result.files["best"]        # best.safetensors: adapters + head + metadata
 
+    finetune(config, adapt=benchmarks.variants.lora)  # another method through the same loop (comparisons)
+
 `torchrun --nproc_per_node N -m finetune ...` trains with DistributedDataParallel. See
 docs/finetune.md.
 """
 
 from finetune.config import FinetuneConfig
-from finetune.data import Generated
-from finetune.errors import BatchSizeError, CheckpointError, DataError, FinetuneError, RecipeError, ResumeMismatchError
+from finetune.data import Generated, load_data
+from finetune.errors import (
+    BatchSizeError,
+    CheckpointError,
+    DataError,
+    DivergedError,
+    FinetuneError,
+    RecipeError,
+    ResourceError,
+    ResumeMismatchError,
+)
 from finetune.loop import FinetuneResult, finetune
 from finetune.recipe import DATASETS, DatasetRecipe
 
@@ -21,11 +32,14 @@ __all__ = [
     "CheckpointError",
     "DataError",
     "DatasetRecipe",
+    "DivergedError",
     "FinetuneConfig",
     "FinetuneError",
     "FinetuneResult",
     "Generated",
     "RecipeError",
+    "ResourceError",
     "ResumeMismatchError",
     "finetune",
+    "load_data",
 ]

@@ -14,16 +14,22 @@ checkpoints/epoch-NNNN.pt (the training state --resume reads).
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
 from finetune.config import AMP, PROGRESS, FinetuneConfig
 from finetune.data import CROPS, PROTOCOLS
+from finetune.errors import DivergedError, ResourceError, environment_errno
 from rlrr import RLRRError
 
-EXIT_OK, EXIT_BUG, EXIT_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+# the export CLI's numbers where the meaning is shared (2, 5, 70, 130)
+EXIT_OK, EXIT_INPUT, EXIT_ENVIRONMENT, EXIT_DIVERGED, EXIT_BUG, EXIT_INTERRUPTED = 0, 2, 5, 6, 70, 130
 SUPPRESS = argparse.SUPPRESS
+DEBUG_ENV = "RLRR_DEBUG"
 
 EPILOG = """\
 Defaults: Table 3 of the paper (AdamW, cosine decay, 100 epochs, 10 warm-up epochs) and the
@@ -32,8 +38,16 @@ per-dataset lr, weight decay, drop path, flip and batch size (--list-datasets). 
 small dataset is generated in memory: a smoke test, not a benchmark. Without --weights the model
 is random. --batch-size is the global batch of one update: processes x micro-batch x --accum.
 
-exit status: 0 done, 2 bad input (nothing trained), 130 interrupted (the last complete
-checkpoint is intact: continue with --resume), 1 anything else.
+exit status:
+  0    done
+  2    bad input: options, data (one class, undecodable or missing images ...), output folder,
+       checkpoint; found before training: nothing trained, nothing written
+  5    the environment refused: disk full, permission denied, read-only file system, out of memory;
+       the last complete checkpoint is intact (continue with --resume once fixed)
+  6    training diverged (the loss became NaN or infinite): the last complete epoch's files are intact
+  70   an internal error (a bug): please report it with the traceback of --debug
+  130  interrupted: the last complete checkpoint is intact (continue with --resume)
+Every failure prints one line on stderr; --debug (or RLRR_DEBUG=1) adds the traceback.
 """
 
 
@@ -56,6 +70,8 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--crop", choices=CROPS, help="train crop: resize (VTAB), random-resized (FGVC, the paper), resize-random (official FGVC code)")
     d.add_argument("--flip", action=argparse.BooleanOptionalAction, help="random horizontal flip (default on, or the dataset preset's)")
     d.add_argument("--workers", type=int, help="DataLoader workers (default 0 for generated data, else min(4, CPUs))")
+    d.add_argument("--skip-bad-images", action="store_true",
+                   help="leave out image files that cannot be decoded (counted, with a warning) instead of refusing the data")
     r = p.add_argument_group("recipe")
     r.add_argument("--epochs", type=int, help="epochs (default 100, Table 3)")
     r.add_argument("--batch-size", type=int, help="global batch per update (default 32, or the dataset preset's)")
@@ -82,13 +98,22 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("--log-every", type=int, help="in lines mode, a line every N updates (default: about ten an epoch for epochs of 20+ updates)")
     o.add_argument("--no-test", action="store_true", help="do not evaluate the best checkpoint on the test split at the end")
     p.add_argument("--list-datasets", action="store_true", help="print the VTAB-1k/FGVC recipe presets and exit")
+    p.add_argument("--debug", action="store_true", help=f"on failure, print the traceback too (or set {DEBUG_ENV}=1)")
+    p.error = lambda message: _usage_error(p, message)  # type: ignore[method-assign]
     return p
+
+
+def _usage_error(p: argparse.ArgumentParser, message: str) -> None:
+    """argparse's errors as one line (its default prints the whole usage block first)."""
+    _say(f"{p.prog}: error: {message} (see --help)")
+    sys.exit(EXIT_INPUT)
 
 
 def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
     """The run's config: defaults, or the resumed checkpoint's options, overridden by the flags given."""
     given = dict(vars(args))
     given.pop("list_datasets", None)
+    given.pop("debug", None)
     if given.pop("quiet", False):
         given["progress"] = "none"
     if given.pop("no_test", False):
@@ -118,6 +143,7 @@ def list_datasets() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    debug = getattr(args, "debug", False) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     if getattr(args, "list_datasets", False):
         print(list_datasets())
         return EXIT_OK
@@ -127,18 +153,63 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = config_from_args(args)
         finetune(config)
-    except RLRRError as e:
-        print(f"finetune: error: {e}", file=sys.stderr)
-        return EXIT_INPUT
     except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
         _interrupted(config)
         return EXIT_INTERRUPTED
+    except Exception as e:  # every failure: one line (and the traceback with --debug), a status by its class
+        if debug:
+            traceback.print_exc()
+        status, line = classify(e)
+        if status == EXIT_ENVIRONMENT:
+            line += _resume_note(config)
+        _say(f"finetune: {line}")
+        return status
     return EXIT_OK
 
 
-def _interrupted(config: FinetuneConfig | None) -> None:
-    import os
+def classify(e: BaseException) -> tuple[int, str]:
+    """An exception's exit status and the one line that reports it."""
+    if isinstance(e, DivergedError):
+        return EXIT_DIVERGED, f"error: {e}"
+    if _out_of_memory(e):
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        return EXIT_ENVIRONMENT, f"error (environment): out of memory ({first}): lower --batch-size (--accum keeps the update) or --img-size"
+    if isinstance(e, ResourceError) or environment_errno(e) is not None:
+        return EXIT_ENVIRONMENT, f"error (environment): {e}"
+    if isinstance(e, RLRRError):
+        return EXIT_INPUT, f"error: {e}"
+    if isinstance(e, OSError) and e.errno is not None:  # the file system disagreed with what the checks saw (a file removed meanwhile ...)
+        return EXIT_ENVIRONMENT, f"error (environment): {e}"
+    return EXIT_BUG, f"internal error (a bug; rerun with --debug for the traceback and report it): {type(e).__name__}: {e}"
 
+
+def _out_of_memory(e: BaseException) -> bool:
+    import torch
+
+    # reason: a failed CPU allocation is a plain RuntimeError from c10's allocator, recognisable only by its text
+    return isinstance(e, (MemoryError, torch.cuda.OutOfMemoryError)) or (
+        isinstance(e, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(e))
+
+
+def _say(text: str) -> None:
+    """One line on stderr: control characters escaped (a hostile file name cannot move the cursor or
+    forge a second line), the lines of a multi-line message joined."""
+    text = " ".join(part.strip() for part in text.splitlines() if part.strip())
+    text = re.sub(r"[\x00-\x1f\x7f-\x9f]", lambda m: repr(m.group())[1:-1], text)
+    print(text, file=sys.stderr, flush=True)
+
+
+def _resume_note(config: FinetuneConfig | None) -> str:
+    from finetune import checkpoint as ckpt
+
+    states = ckpt.list_states(Path(config.output)) if config is not None else []
+    return (f"; the last complete checkpoint is {states[-1][1]}: continue with --resume --output {config.output} once fixed"
+            if states else "")
+
+
+def _interrupted(config: FinetuneConfig | None) -> None:
     from finetune import checkpoint as ckpt
 
     if config is None or os.environ.get("RANK", "0") != "0":

@@ -9,19 +9,27 @@ An output folder holds
 - `checkpoints/epoch-NNNN.pt`: the training state after epoch NNNN (trainable tensors, AdamW
   state, step, the best so far, every process's RNG states, the history, the resolved config).
 
-Every file is written atomically (temp file, then rename). Per epoch the state file is written
-last: it is the commit point. An interrupt before it leaves the previous epoch's state as the
-newest, and re-training that epoch rewrites the other files identically. The state file before
-the newest is kept, so a damaged newest file still leaves a good one to resume from.
+Every file is written atomically (`rlrr.atomic_write`: `.NAME.PID.tmp`, then rename). Per epoch
+the state file is written last: it is the commit point. An interrupt before it leaves the previous
+epoch's state as the newest, and re-training that epoch rewrites the other files identically. The
+state file before the newest is kept, so a damaged newest file still leaves a good one to resume
+from. A run killed in the middle of a write leaves its temp file; the next run in the folder
+removes the temp files whose writer process is gone (`remove_stale_temp`). A write the file system
+refuses (disk full, permission denied, read-only) raises `ResourceError` with its errno.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
+import os
 import random
 import re
+import tempfile
+from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -29,13 +37,15 @@ import torch
 from torch import nn
 
 import rlrr
-from finetune.errors import CheckpointError
+from finetune.errors import ENVIRONMENT_ERRNOS, CheckpointError, ResourceError, environment_errno
 
 FORMAT = "rlrr.finetune/1"  # the training-state format tag, not the module path: unchanged, so earlier runs still resume
 STATE_DIR = "checkpoints"
 LAST, BEST = "last.safetensors", "best.safetensors"
 METRICS_CSV, METRICS_JSON = "metrics.csv", "metrics.json"
 _STATE = re.compile(r"epoch-(\d+)\.pt")
+_TEMP = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.tmp")  # rlrr.atomic_write's temp files
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")  # how Rust (safetensors) prints an io::Error it does not map to OSError
 
 
 def state_path(output: Path, epoch: int) -> Path:
@@ -92,21 +102,116 @@ def trainable_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
 
 
+@contextmanager
+def storage(action: str):
+    """File-system failures inside as `ResourceError` (errno kept), named by `action` ("cannot write PATH")."""
+    try:
+        yield
+    except ResourceError:
+        raise
+    except Exception as e:
+        code = environment_errno(e)
+        if code is None and not isinstance(e, OSError):  # safetensors' Rust writer reports ENOSPC as "(os error 28)"
+            m = _OS_ERROR.search(str(e))
+            code = int(m.group(1)) if m and int(m.group(1)) in ENVIRONMENT_ERRNOS else None
+        if code is None:
+            raise
+        raise ResourceError(f"{action}: {os.strerror(code)} (errno {errno.errorcode.get(code, code)})", code) from e
+
+
 def save_adapter_file(model: nn.Module, path: Path, metadata: dict) -> Path:
-    """The adapter-only file (`rlrr.save_adapter` format) with the run's metadata, atomically."""
-    return rlrr.write_adapter_file(path, rlrr.adapter_state(model, metadata))
+    """The adapter-only file (`rlrr.save_adapter` format) with the run's metadata, atomically.
+
+    A model trained by another method (no RLRR adapter) gets a plain safetensors file of its
+    trained tensors by name, with the metadata as JSON under the key "finetune".
+    """
+    with storage(f"cannot write {path}"):
+        if rlrr.adapters_of(model):
+            return rlrr.write_adapter_file(path, rlrr.adapter_state(model, metadata))
+        from safetensors.torch import save_file
+
+        tensors = {n: t.contiguous() for n, t in trainable_tensors(model).items()}
+        return rlrr.atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"finetune": json.dumps(metadata)}))
 
 
 def save_state(path: Path, state: dict) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return rlrr.atomic_write(path, lambda tmp: torch.save({"format": FORMAT, **state}, tmp))
+    """The training state, atomically. Serialised in memory first: torch.save reports a full disk as a
+    RuntimeError of its zip writer, a plain file write as OSError(ENOSPC)."""
+    buffer = io.BytesIO()
+    torch.save({"format": FORMAT, **state}, buffer)
+    data = buffer.getvalue()
+    with storage(f"cannot write {path}"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return rlrr.atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 def prune(output: Path, keep: int, newest: int) -> None:
     """Delete state files older than the `keep` newest up to epoch `newest` (never a newer one)."""
     older = [p for e, p in list_states(output) if e <= newest]
     for p in older[:-keep]:
-        p.unlink(missing_ok=True)
+        with storage(f"cannot delete {p}"):
+            p.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (a pid reused since counts as running: kept)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    except (OverflowError, ValueError):  # not a pid at all
+        return False
+    return True
+
+
+def remove_stale_temp(output: Path, alive: Callable[[int], bool] = _running) -> list[Path]:
+    """Delete the temp files of writes that a killed run left in `output` (and its checkpoints), never
+    those of a writer that still runs. Only names this package writes are touched."""
+    ours = {LAST, BEST, METRICS_CSV, METRICS_JSON}
+    removed = []
+    for folder in (output, output / STATE_DIR):
+        if not folder.is_dir():
+            continue
+        for p in folder.iterdir():
+            m = _TEMP.fullmatch(p.name)
+            if m and (m["name"] in ours or _STATE.fullmatch(m["name"])) and p.is_file() and not alive(int(m["pid"])):
+                with storage(f"cannot delete the stale temp file {p}"):
+                    p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
+
+
+def check_output(output: Path, data: str | None) -> None:
+    """The output folder can be created and written, before anything is built or read.
+
+    Bad paths are `CheckpointError` (exit status 2): a file where the folder or one of its parents
+    should be, a name longer than the file system takes, a folder inside the data folder (the run's
+    files would become part of the data: `checkpoints/` a class of an ImageFolder split). A folder
+    the file system refuses to write is `ResourceError` (exit status 5). Nothing is left behind.
+    """
+    if output.exists() and not output.is_dir():
+        raise CheckpointError(f"output {output} is a file, not a folder")
+    resolved = output.resolve()
+    if data is not None and Path(data).is_dir():
+        root = Path(data).resolve()
+        if resolved == root or root in resolved.parents:
+            raise CheckpointError(f"output {output} is inside the data folder {data}: the run's files would be read as data; "
+                                  f"choose an --output outside it")
+    existing = resolved
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CheckpointError(f"output {output} cannot be created: {existing} is a file, not a folder")
+    for part in resolved.relative_to(existing).parts:
+        limit = os.pathconf(existing, "PC_NAME_MAX") if hasattr(os, "pathconf") else 255
+        if len(os.fsencode(part)) > limit:
+            raise CheckpointError(f"output {output} cannot be created: the name {part[:40]!r}... is longer than {limit} bytes")
+    with storage(f"output {output} cannot be written (tried in {existing})"):
+        fd, probe = tempfile.mkstemp(prefix=".finetune-write-test.", suffix=".tmp", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
 
 
 def write_metrics(output: Path, rows: list[dict], summary: dict) -> None:
@@ -116,9 +221,11 @@ def write_metrics(output: Path, rows: list[dict], summary: dict) -> None:
         writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
-        rlrr.atomic_write(output / METRICS_CSV, lambda tmp: tmp.write_text(buffer.getvalue()))
+        with storage(f"cannot write {output / METRICS_CSV}"):
+            rlrr.atomic_write(output / METRICS_CSV, lambda tmp: tmp.write_text(buffer.getvalue()))
     text = json.dumps({**summary, "epochs": rows}, indent=2)
-    rlrr.atomic_write(output / METRICS_JSON, lambda tmp: tmp.write_text(text + "\n"))
+    with storage(f"cannot write {output / METRICS_JSON}"):
+        rlrr.atomic_write(output / METRICS_JSON, lambda tmp: tmp.write_text(text + "\n"))
 
 
 # --- reading ---------------------------------------------------------------------------------------
@@ -128,13 +235,18 @@ def _read(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, bad pickle, not a torch file: all mean "unreadable"
-        raise CheckpointError(f"{path} cannot be read (truncated or corrupted?): {type(e).__name__}: {e}") from e
+        if environment_errno(e) is not None:
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(f"{path} cannot be read (truncated or corrupted?): {type(e).__name__}: {first[:300]}") from e
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"{path} is not a finetune training state (format {found!r}, expected {FORMAT!r})")
     missing = [k for k in ("epoch", "global_step", "config", "trainable", "optimizer", "rng") if k not in state]
     if missing:
         raise CheckpointError(f"{path} is an incomplete training state: {missing} missing")
+    if not isinstance(state["config"], dict) or not isinstance(state["epoch"], int):
+        raise CheckpointError(f"{path} is a damaged training state: its config or epoch has the wrong type")
     return state
 
 

@@ -6,9 +6,13 @@ what a run records in its checkpoints and compares on `--resume`.
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import re
 from dataclasses import asdict, dataclass, field, fields
 
+import zoo
 from adapters import INITS
 from finetune.data import CROPS, PROTOCOLS, Generated
 from finetune.errors import BatchSizeError, RecipeError
@@ -27,6 +31,12 @@ from finetune.recipe import (
 
 AMP = ("auto", "off", "bf16", "fp16")
 PROGRESS = ("auto", "bar", "lines", "none")
+DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]{1,3})?")
+MAX_SEED = 2**32 - 1  # numpy's seed range; torch and Python take it too
+MAX_IMG_SIZE = 1024  # a ViT-B/16 at 1024 px has 4,096 tokens per image; beyond it one image fills a GPU (or the OOM killer takes a CPU run)
+MAX_WORKERS = 64  # DataLoader processes: more than that forks a process table full, not a faster loader
+MAX_GENERATED_IMAGES = 4096  # the generated smoke-test data is held in memory (about 0.6 GB at 224 px)
+OPTIONAL_NUMBERS = ("lr", "weight_decay", "warmup_epochs", "drop_path", "label_smoothing")  # None: the dataset preset's or the default
 
 
 @dataclass
@@ -41,9 +51,11 @@ class FinetuneConfig:
     init: str = "paper"  # adapter init: "paper" (official, Table 10) or "identity" (output = base model)
     targets: tuple[str, ...] | None = None  # RLRR sites instead of the preset's placement (rlrr.apply targets)
     img_size: int | None = None  # input size; None: the preset's (224; the twin's 32)
+    model_kwargs: dict | None = None  # builder arguments beyond the preset's (a narrower, shallower model: {"depth": 4}); recorded in the adapter files
     drop_path: float | None = None  # stochastic depth (timm models); None: the dataset preset's, else 0
     # data
     data: str | None = None  # a dataset folder (see finetune.data); None: generated data
+    skip_bad_images: bool = False  # leave out image files that cannot be decoded (warned, counted) instead of refusing the data
     dataset: str | None = None  # a VTAB-1k / FGVC preset (recipe.DATASETS): lr, weight decay, batch, flip ...
     protocol: str = "tune"  # "tune": train/val; "final": train+val, evaluate on test (the official code)
     crop: str | None = None  # "resize" (VTAB), "random-resized" (FGVC, the paper), "resize-random" (official FGVC code)
@@ -76,31 +88,85 @@ class FinetuneConfig:
     keep_checkpoints: int = 2  # training-state files kept (the newest and the one before)
 
     def validate(self) -> None:
-        """Errors for values that can never work, before anything is built or read."""
-        for name in ("epochs", "accum", "keep_checkpoints"):
+        """Errors for values and types that can never work, before anything is built or read.
+
+        Every field is checked here, once (the CLI's flags and the Python API alike); values that
+        depend on the data (batch size vs. images, classes vs. dataset preset) are checked in `loop.prepare`.
+        """
+        for name in ("tiny", "mixup", "force", "evaluate_test", "skip_bad_images"):
+            if not isinstance(getattr(self, name), bool):
+                raise RecipeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        for name in ("flip", "drop_last"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
+                raise RecipeError(f"{name} must be True, False or None, got {getattr(self, name)!r}")
+        _integer("epochs", self.epochs, 1, RecipeError)
+        _integer("accum", self.accum, 1, BatchSizeError)
+        _integer("keep_checkpoints", self.keep_checkpoints, 1, RecipeError)
+        _integer("log_every", self.log_every, 0, RecipeError)
+        _integer("seed", self.seed, 0, RecipeError, MAX_SEED)
+        if self.batch_size is not None:
+            _integer("batch size", self.batch_size, 1, BatchSizeError)
+        for name, low, high in (("rank", 1, None), ("img_size", 1, MAX_IMG_SIZE), ("workers", 0, MAX_WORKERS)):
+            if getattr(self, name) is not None:
+                _integer(name, getattr(self, name), low, RecipeError, high)
+        for name in ("lr", "weight_decay", "warmup_epochs", "cooldown_epochs", "min_lr", "warmup_lr", "drop_path", "label_smoothing"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise (BatchSizeError if name == "accum" else RecipeError)(f"{name} must be an integer >= 1, got {value!r}")
-        if self.batch_size is not None and (not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size < 1):
-            raise BatchSizeError(f"batch size must be an integer >= 1, got {self.batch_size!r}")
+            if value is None and name in OPTIONAL_NUMBERS:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise RecipeError(f"{name} must be a number, got {value!r}")
+            if name == "lr":
+                check_finite_lr(value, 0.0)
+            elif not (math.isfinite(value) and value >= 0):
+                raise RecipeError(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.drop_path is not None and self.drop_path >= 1:
+            raise RecipeError(f"drop_path must be below 1, got {self.drop_path}")
+        if self.label_smoothing is not None and self.label_smoothing >= 1:
+            raise RecipeError(f"label_smoothing must be below 1, got {self.label_smoothing}")
+        if self.cooldown_epochs >= self.epochs:
+            raise RecipeError(f"cooldown ({self.cooldown_epochs} epochs) leaves no epoch for the cosine decay of {self.epochs}")
+        if self.warmup_epochs and self.warmup_epochs >= self.epochs - self.cooldown_epochs:
+            raise RecipeError(f"warm-up ({self.warmup_epochs} epochs) must end before the cosine decay does "
+                              f"({self.epochs} epochs - {self.cooldown_epochs} cooldown)")
         choices = {"amp": AMP, "progress": PROGRESS, "protocol": PROTOCOLS, "init": INITS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise RecipeError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.crop is not None and self.crop not in CROPS:
             raise RecipeError(f"crop must be one of {CROPS}, got {self.crop!r}")
-        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
-            raise RecipeError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
-        for name in ("warmup_epochs", "cooldown_epochs", "min_lr", "warmup_lr", "drop_path"):
-            value = getattr(self, name)
-            if value is not None and not (math.isfinite(value) and value >= 0):
-                raise RecipeError(f"{name} must be >= 0, got {value}")
-        if self.cooldown_epochs >= self.epochs:
-            raise RecipeError(f"cooldown ({self.cooldown_epochs} epochs) leaves no epoch for the cosine decay of {self.epochs}")
-        if self.drop_path is not None and self.drop_path >= 1:
-            raise RecipeError(f"drop_path must be below 1, got {self.drop_path}")
+        if not isinstance(self.device, str) or not DEVICE.fullmatch(self.device):
+            raise RecipeError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        for name in ("preset", "output"):
+            _path(name, getattr(self, name))
+        for name in ("weights", "data", "resume", "dataset"):
+            if getattr(self, name) is not None:
+                _path(name, getattr(self, name))
+        if self.targets is not None and (not isinstance(self.targets, (tuple, list)) or not self.targets
+                                         or not all(isinstance(t, str) and t and "\0" not in t for t in self.targets)):
+            raise RecipeError(f"targets must be a non-empty list of site patterns, got {self.targets!r}")
+        self._validate_generated()
+        zoo.get_preset(self.preset)
+        if self.model_kwargs is not None:
+            if not isinstance(self.model_kwargs, dict) or not all(isinstance(k, str) for k in self.model_kwargs):
+                raise RecipeError(f"model_kwargs must be a dict of builder arguments, got {self.model_kwargs!r}")
+            try:
+                json.dumps(self.model_kwargs)
+            except TypeError as e:
+                raise RecipeError(f"model_kwargs {self.model_kwargs!r} cannot be recorded in the adapter files (JSON): {e}") from e
         if self.dataset is not None:
             dataset_recipe(self.dataset)
+
+    def _validate_generated(self) -> None:
+        g = self.generated
+        if not isinstance(g, Generated):
+            raise RecipeError(f"generated must be a finetune.Generated, got {type(g).__name__}")
+        _integer("generated.classes", g.classes, 2, RecipeError)
+        for name in ("train", "val", "test"):
+            _integer(f"generated.{name}", getattr(g, name), 1, RecipeError)
+        _integer("generated.seed", g.seed, 0, RecipeError, MAX_SEED)
+        if g.classes * (g.train + g.val + g.test) > MAX_GENERATED_IMAGES:
+            raise RecipeError(f"the generated dataset is a smoke test held in memory: at most {MAX_GENERATED_IMAGES} images, "
+                              f"got {g.classes} classes x {g.train + g.val + g.test}")
 
     def recipe(self) -> dict:
         """The resolved recipe values: given ones, else the dataset preset's, else the defaults."""
@@ -117,6 +183,9 @@ class FinetuneConfig:
             "label_smoothing": self.label_smoothing if self.label_smoothing is not None else mixup_ls,
         }
         check_finite_lr(values["lr"], values["weight_decay"])
+        for name in ("min_lr", "warmup_lr"):
+            if getattr(self, name) > values["lr"]:
+                raise RecipeError(f"{name} {getattr(self, name):g} is above the learning rate {values['lr']:g}: the schedule would rise, not decay")
         return values
 
     def to_dict(self) -> dict:
@@ -126,17 +195,41 @@ class FinetuneConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "FinetuneConfig":
+        """A config from flags or a checkpoint's stored options (unknown keys are ignored); call `validate` next."""
+        if not isinstance(data, dict):
+            raise RecipeError(f"options must be a dict, got {type(data).__name__}")
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
         if isinstance(values.get("generated"), dict):
-            values["generated"] = Generated(**values["generated"])
-        if values.get("targets") is not None:
+            spec = values["generated"]
+            unknown = sorted(set(spec) - {f.name for f in fields(Generated)})
+            if unknown:
+                raise RecipeError(f"generated has unknown fields {unknown}")
+            values["generated"] = Generated(**spec)
+        if isinstance(values.get("targets"), list):
             values["targets"] = tuple(values["targets"])
         return cls(**values)
 
 
+def _integer(name: str, value, low: int, error: type[Exception], high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        bound = f"an integer >= {low}" if high is None else f"an integer from {low} to {high}"
+        raise error(f"{name} must be {bound}, got {value!r}")
+
+
+def _path(name: str, value) -> None:
+    """A path or name option: a non-empty string (or os.PathLike) without NUL bytes (the OS cannot take them)."""
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str) or not value:
+        raise RecipeError(f"{name} must be a non-empty string, got {value!r}")
+    if "\0" in value:
+        raise RecipeError(f"{name} contains a NUL byte: {value!r}")
+
+
 # Options that define what a run computes: a resumed run must have the same values.
-RUN_FIELDS = ("preset", "tiny", "weights", "rank", "init", "targets", "img_size", "data", "dataset", "protocol", "generated",
-              "epochs", "accum", "cooldown_epochs", "min_lr", "warmup_lr", "mixup", "seed")
+RUN_FIELDS = ("preset", "tiny", "weights", "rank", "init", "targets", "img_size", "model_kwargs", "data", "skip_bad_images", "dataset",
+              "protocol", "generated", "epochs", "accum", "cooldown_epochs", "min_lr", "warmup_lr", "mixup", "seed")
 RESOLVED_FIELDS = ("lr", "weight_decay", "batch_size", "drop_path", "flip", "drop_last", "warmup_epochs", "label_smoothing",
                    "crop", "amp", "classes")
+ADDED_FIELDS = {"skip_bad_images": False}  # fields newer than some checkpoints: a stored run without one had this value

@@ -9,6 +9,13 @@
   `trainval.json`), each {"<relative path>": label}; images under `DIR/images/` or `DIR/`.
 Without `--data`, a small dataset is generated in memory (seeded, the same on every machine).
 
+Image files are checked before training, without decoding the whole data set twice: every file
+is opened (its header parsed: not an image, an unknown format, a decompression bomb); a PNG is
+verified to its last chunk (CRCs); a JPEG is decoded only when it does not end with its end
+marker (a truncated download); other formats are decoded. A file that fails is an error naming it,
+or, with `skip_bad_images`, left out with a warning. An image that still fails to decode during
+training (a damaged JPEG body) stops the run with a `DataError` naming it.
+
 Augmentation is seeded per sample: the random crop and flip of image i in epoch e depend only on
 (seed, e, i), not on the process, the worker or how far a run got, so a resumed run and a
 multi-process run see exactly the images a single uninterrupted process would.
@@ -18,6 +25,8 @@ from __future__ import annotations
 
 import json
 import random
+import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +48,9 @@ FOLDER_SPLITS = ("train", "val", "test")
 PROTOCOLS = ("tune", "final")
 CROPS = ("resize", "random-resized", "resize-random")
 SHOWN = 5  # names listed per problem in an error message
+MAX_CLASSES = 100_000  # a list label beyond this is a typo (the head would have that many rows), not a dataset
+LABEL = re.compile(r"-?[0-9]+")  # ASCII digits: int() would also take '٣', and '²' passes isdigit() but not int()
+JPEG_TAIL = 1024  # bytes searched for a JPEG's end marker (some writers append padding or metadata)
 
 
 @dataclass(frozen=True)
@@ -64,6 +76,7 @@ class DataSource:
     description: str
     default_crop: str = "resize"  # FGVC's JSON layout: "random-resized" (the paper's Sec. 4.1)
     split_names: dict[str, str] = field(default_factory=dict)  # role -> file/folder it came from
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, why) left out with skip_bad_images
 
     @property
     def num_classes(self) -> int:
@@ -81,8 +94,14 @@ class FileImages(Dataset):
 
     def __getitem__(self, index: int):
         path, label = self.items[index]
-        with Image.open(path) as img:
-            return img.convert("RGB"), label
+        try:
+            with Image.open(path) as img:
+                return img.convert("RGB"), label
+        except Exception as e:
+            if _system_error(e):
+                raise
+            raise DataError(f"image {path} cannot be decoded ({_reason(e, path)}) although its header passed the check before "
+                            f"training (damaged image data): fix or remove it") from e
 
 
 class TensorImages(Dataset):
@@ -145,12 +164,14 @@ class Augmented(Dataset):
 # --- finding the data ---------------------------------------------------------------------------
 
 
-def load_data(path: str | Path | None, *, protocol: str = "tune", img_size: int = 224, generated: Generated = Generated()) -> DataSource:
+def load_data(path: str | Path | None, *, protocol: str = "tune", img_size: int = 224, generated: Generated = Generated(),
+              skip_bad_images: bool = False) -> DataSource:
     """The raw splits of `path` (or generated ones), with every problem reported before training.
 
     `protocol="tune"` trains on train and validates on val (test, if present, is evaluated once
     at the end); `"final"` trains on train+val (VTAB's train800val200) and validates on test, as
-    the official code does to report its numbers.
+    the official code does to report its numbers. Every image file is checked (module doc);
+    `skip_bad_images` leaves the ones that fail out, with a warning, instead of refusing the data.
     """
     if protocol not in PROTOCOLS:
         raise DataError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
@@ -161,14 +182,15 @@ def load_data(path: str | Path | None, *, protocol: str = "tune", img_size: int 
         raise DataError(f"data folder {root} does not exist")
     if not root.is_dir():
         raise DataError(f"--data {root} is a file; give the folder that holds the splits")
+    skipped: list[tuple[str, str]] = []
     if any((root / n).is_file() for names in LIST_SPLITS.values() for n in names):
-        splits, classes = _from_lists(root)
+        splits, classes = _from_lists(root, skip_bad_images, skipped)
         form, crop = "list", "resize"
     elif any((root / f"{s}.json").is_file() for s in JSON_SPLITS):
-        splits, classes = _from_json(root)
+        splits, classes = _from_json(root, skip_bad_images, skipped)
         form, crop = "json", "random-resized"
     elif (root / "train").is_dir():
-        splits, classes = _from_folders(root)
+        splits, classes = _from_folders(root, skip_bad_images, skipped)
         form, crop = "imagefolder", "resize"
     else:
         entries = sorted(p.name for p in root.iterdir())[:8]
@@ -177,8 +199,9 @@ def load_data(path: str | Path | None, *, protocol: str = "tune", img_size: int 
                         f"test.json); found {entries or 'an empty folder'}")
     train, val, test, used = _assign(splits, protocol, root)
     description = f"{root} ({form}; train: {used['train']}, {len(train)} images; val: {used['val']}, {len(val)} images" + (
-        f"; test: {used['test']}, {len(test)} images" if test is not None else "") + f"; {len(classes)} classes)"
-    return DataSource(form, classes, train, val, test, description, crop, used)
+        f"; test: {used['test']}, {len(test)} images" if test is not None else "") + f"; {len(classes)} classes" + (
+        f"; {len(skipped)} undecodable image files left out" if skipped else "") + ")"
+    return DataSource(form, classes, train, val, test, description, crop, used, skipped)
 
 
 def _assign(splits: dict[str, Dataset], protocol: str, root: Path | str) -> tuple[Dataset, Dataset, Dataset | None, dict]:
@@ -224,37 +247,48 @@ def _check_labels(labels: dict[str, set], known: set, reference: str, root: Path
 
 
 def _read_list(path: Path, root: Path) -> list[tuple[Path, int]]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not a UTF-8 text file ({e.reason} at byte {e.start}): expected '<relative path> <label>' lines") from e
     items = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         parts = line.strip().rsplit(None, 1)
         if not parts:
             continue
-        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
-            raise DataError(f"{path}:{number}: expected '<relative path> <integer label>', got {line.strip()!r}")
-        items.append((root / parts[0], int(parts[1])))
+        if len(parts) != 2 or not LABEL.fullmatch(parts[1]) or "\0" in parts[0]:
+            raise DataError(f"{path}:{number}: expected '<relative path> <integer label>', got {line.strip()[:200]!r}")
+        label = int(parts[1])
+        if not 0 <= label < MAX_CLASSES:
+            raise DataError(f"{path}:{number}: label {label} is outside 0..{MAX_CLASSES - 1}")
+        items.append((root / parts[0], label))
     return items
 
 
-def _from_lists(root: Path) -> tuple[dict[str, Dataset], list[str]]:
-    splits, labels = {}, {}
+def _from_lists(root: Path, skip: bool, skipped: list) -> tuple[dict[str, Dataset], list[str]]:
+    found = {}
     for split, names in LIST_SPLITS.items():
         file = next((root / n for n in names if (root / n).is_file()), None)
-        if file is None:
-            continue
-        items = _read_list(file, root)
-        _check_files(items, str(file))
-        splits[split], labels[split] = _labelled(items, file.name), {y for _, y in items}
-    reference = "trainval" if "trainval" in labels else "train" if "train" in labels else None
+        if file is not None:
+            items = _read_list(file, root)
+            _check_files(items, str(file))
+            found[split] = (file, items)
+    reference = "trainval" if "trainval" in found else "train" if "train" in found else None
     if reference is None:
         raise DataError(f"{root}: no training list ({', '.join(LIST_SPLITS['train'] + LIST_SPLITS['trainval'])})")
-    if min(min(v) for v in labels.values()) < 0:
-        raise DataError(f"{root}: labels must be >= 0")
+    screened = _screen({split: items for split, (_, items) in found.items()}, root, skip, skipped)
+    splits, labels = {}, {}
+    for split, (file, _) in found.items():
+        if not screened[split]:
+            raise DataError(f"{file}: every listed image was left out as undecodable")
+        splits[split], labels[split] = _labelled(screened[split], file.name), {y for _, y in screened[split]}
+    _check_two_classes(sorted(labels[reference]), str(found[reference][0]))
     _check_labels(labels, labels[reference], splits[reference].source, root)
     num_classes = max(labels[reference]) + 1
     return splits, [str(i) for i in range(num_classes)]
 
 
-def _from_json(root: Path) -> tuple[dict[str, Dataset], list[str]]:
+def _from_json(root: Path, skip: bool, skipped: list) -> tuple[dict[str, Dataset], list[str]]:
     annotations = {}
     for split in JSON_SPLITS:
         file = root / f"{split}.json"
@@ -263,22 +297,31 @@ def _from_json(root: Path) -> tuple[dict[str, Dataset], list[str]]:
                 anno = json.loads(file.read_text())
             except ValueError as e:
                 raise DataError(f"{file} is not valid JSON: {e}") from e
-            if not isinstance(anno, dict) or not all(isinstance(v, int) for v in anno.values()):
+            if not isinstance(anno, dict) or not all(type(v) is int for v in anno.values()):
                 raise DataError(f"{file} must map '<relative image path>' to an integer label, as VPT's FGVC files do")
+            if not anno:
+                raise DataError(f"{file} lists no images")
+            if any("\0" in rel for rel in anno):
+                raise DataError(f"{file} names a path with a NUL byte")
             annotations[split] = anno
     reference = "trainval" if "trainval" in annotations else "train" if "train" in annotations else None
     if reference is None:
         raise DataError(f"{root}: no train.json or trainval.json")
-    class_ids = sorted(set(annotations[reference].values()))
-    _check_labels({k: set(v.values()) for k, v in annotations.items()}, set(class_ids), f"{reference}.json", root)
     first = next(iter(annotations[reference]))
     image_root = root / "images" if (root / "images" / first).is_file() and not (root / first).is_file() else root
-    contiguous = {c: i for i, c in enumerate(class_ids)}  # VPT maps ids to 0..C-1 in sorted order
-    splits = {}
+    found = {}
     for split, anno in annotations.items():
-        items = [(image_root / rel, contiguous[c]) for rel, c in anno.items()]
-        _check_files(items, str(root / f"{split}.json"))
-        splits[split] = _labelled(items, f"{split}.json")
+        found[split] = [(image_root / rel, c) for rel, c in anno.items()]  # labels: the file's ids, mapped below
+        _check_files(found[split], str(root / f"{split}.json"))
+    screened = _screen(found, root, skip, skipped)
+    for split, items in screened.items():
+        if not items:
+            raise DataError(f"{root / f'{split}.json'}: every listed image was left out as undecodable")
+    class_ids = sorted({c for _, c in screened[reference]})
+    _check_two_classes(class_ids, str(root / f"{reference}.json"))
+    _check_labels({k: {c for _, c in v} for k, v in screened.items()}, set(class_ids), f"{reference}.json", root)
+    contiguous = {c: i for i, c in enumerate(class_ids)}  # VPT maps ids to 0..C-1 in sorted order
+    splits = {split: _labelled([(p, contiguous[c]) for p, c in items], f"{split}.json") for split, items in screened.items()}
     return splits, [str(c) for c in class_ids]
 
 
@@ -288,27 +331,99 @@ def _image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
 
 
-def _from_folders(root: Path) -> tuple[dict[str, Dataset], list[str]]:
+def _from_folders(root: Path, skip: bool, skipped: list) -> tuple[dict[str, Dataset], list[str]]:
     present = [s for s in FOLDER_SPLITS if (root / s).is_dir()]
     class_sets = {s: sorted(p.name for p in (root / s).iterdir() if p.is_dir()) for s in present}
     classes = class_sets["train"]
     if not classes:
         raise DataError(f"{root / 'train'} is empty: expected one folder of images per class (ImageFolder)")
+    if len(classes) == 1:
+        raise DataError(f"{root / 'train'} has one class folder ({classes[0]!r}): a classifier needs at least two "
+                        f"(one folder of images per class)")
     for split in present[1:]:
+        if not class_sets[split]:
+            raise DataError(f"{root / split} is empty: expected the class folders of {root / 'train'} ({len(classes)} classes)")
         if class_sets[split] != classes:
             missing, extra = sorted(set(classes) - set(class_sets[split])), sorted(set(class_sets[split]) - set(classes))
             raise DataError(f"class mismatch between splits: {root / split} lacks {missing[:SHOWN]} and has {extra[:SHOWN]} "
                             f"compared with {root / 'train'} ({len(classes)} classes)")
-    splits = {}
+    found = {}
     for split in present:
-        items = []
+        found[split] = []
         for label, name in enumerate(classes):
             files = _image_files(root / split / name)
             if not files:
                 raise DataError(f"{root / split / name} has no images (looked for common image extensions)")
-            items += [(f, label) for f in files]
-        splits[split] = _labelled(items, f"{split}/")
-    return splits, classes
+            found[split] += [(f, label) for f in files]
+    screened = _screen(found, root, skip, skipped)
+    for split, items in screened.items():
+        empty = [classes[k] for k in sorted(set(range(len(classes))) - {y for _, y in items})]
+        if empty:
+            raise DataError(f"{root / split}: every image of class {empty[:SHOWN]} was left out as undecodable")
+    return {split: _labelled(items, f"{split}/") for split, items in screened.items()}, classes
+
+
+# --- checking image files ------------------------------------------------------------------------
+
+
+def _check_two_classes(labels: list, source: str) -> None:
+    if len(labels) < 2:
+        raise DataError(f"{source}: every training image has label {labels[0]!r}: a classifier needs at least two classes")
+
+
+def _system_error(e: BaseException) -> bool:
+    """The OS failed (permission, I/O, a file removed meanwhile) or memory ran out: not the image's fault."""
+    return isinstance(e, MemoryError) or (isinstance(e, OSError) and e.errno is not None)
+
+
+def _reason(e: BaseException, path: Path) -> str:
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return text.replace(f"'{path}'", "").replace(str(path), "").strip(" :") or type(e).__name__
+
+
+def _jpeg_complete(path: Path) -> bool:
+    """Whether the file ends with JPEG's end-of-image marker (within its last JPEG_TAIL bytes)."""
+    with open(path, "rb") as f:
+        f.seek(0, 2)
+        f.seek(max(0, f.tell() - JPEG_TAIL))
+        return b"\xff\xd9" in f.read()
+
+
+def image_problem(path: Path) -> str | None:
+    """Why `path` cannot be used as an image, or None. Decodes only what its header cannot vouch for (module doc)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # a 90+ megapixel "image" in a data set is an attack or an accident
+            with Image.open(path) as img:
+                if img.format == "PNG":
+                    img.verify()
+                elif img.format != "JPEG" or not _jpeg_complete(path):
+                    img.load()
+    except Exception as e:
+        if _system_error(e):
+            raise
+        return _reason(e, path)
+    return None
+
+
+def _screen(splits: dict[str, list[tuple[Path, int]]], root: Path, skip: bool, skipped: list) -> dict[str, list[tuple[Path, int]]]:
+    """The splits without undecodable files (each checked once); DataError naming them unless `skip`."""
+    verdict: dict[Path, str | None] = {}
+    for items in splits.values():
+        for path, _ in items:
+            if path not in verdict:
+                verdict[path] = image_problem(path)
+    bad = [(str(p), why) for p, why in verdict.items() if why is not None]
+    if not bad:
+        return splits
+    shown = "; ".join(f"{p} ({why})" for p, why in bad[:SHOWN])
+    if not skip:
+        raise DataError(f"{root}: {len(bad)} of {len(verdict)} image files cannot be decoded: {shown}"
+                        f"{' ...' if len(bad) > SHOWN else ''}. Fix or remove them, or pass --skip-bad-images to leave them out")
+    skipped += bad
+    warnings.warn(f"{root}: left out {len(bad)} of {len(verdict)} image files that cannot be decoded (--skip-bad-images): {shown}"
+                  f"{' ...' if len(bad) > SHOWN else ''}", stacklevel=2)
+    return {split: [(p, y) for p, y in items if verdict[p] is None] for split, items in splits.items()}
 
 
 # --- the generated dataset -------------------------------------------------------------------------

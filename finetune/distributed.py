@@ -44,7 +44,10 @@ def _device(requested: str, local_rank: int) -> torch.device:
     if requested.startswith("cuda"):
         if not torch.cuda.is_available():
             raise RecipeError(f"device {requested!r} asked for, but CUDA is not available here: use --device cpu")
-        return torch.device(requested if ":" in requested else f"cuda:{local_rank}")
+        device = torch.device(requested if ":" in requested else f"cuda:{local_rank}")
+        if device.index >= torch.cuda.device_count():
+            raise RecipeError(f"device {device} asked for, but this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return device
     return torch.device("cpu")
 
 

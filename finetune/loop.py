@@ -8,6 +8,8 @@ Only the adapters and the head train (what `rlrr.apply` leaves trainable); froze
 in eval mode. Everything random is seeded: a run on CPU repeats bit for bit, a resumed run equals
 the uninterrupted one, and N processes equal one process with the same global batch up to
 floating-point summation order (data order and augmentation do not depend on the process count).
+A loss or trained tensor that stops being finite ends the run (`DivergedError`) before anything of
+that epoch is written.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import math
 import os
 import random
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -30,10 +33,10 @@ from torch.utils.data import DataLoader
 import zoo
 from finetune import checkpoint as ckpt
 from finetune import distributed
-from finetune.config import RESOLVED_FIELDS, RUN_FIELDS, FinetuneConfig
+from finetune.config import ADDED_FIELDS, RESOLVED_FIELDS, RUN_FIELDS, FinetuneConfig
 from finetune.data import Augmented, DataSource, ShardSampler, load_data, train_sampler, transforms
-from finetune.errors import BatchSizeError, CheckpointError, RecipeError, ResumeMismatchError
-from finetune.model import Built, build_for_training, copy_trainable, counts, freeze_frozen_norms, metadata
+from finetune.errors import BatchSizeError, CheckpointError, DataError, DivergedError, RecipeError, ResumeMismatchError
+from finetune.model import Adapt, Built, build_for_training, copy_trainable, counts, freeze_frozen_norms, metadata, method_name
 from finetune.progress import Progress
 from finetune.recipe import dataset_recipe, make_loss, make_mixup, make_optimizer, make_scheduler, parameter_groups
 
@@ -52,6 +55,7 @@ class FinetuneResult:
     output: Path
     classes: list[str]
     files: dict[str, Path] = field(default_factory=dict)
+    eval_transform: Callable | None = None  # the run's evaluation transform: evaluate the model (or its export) on other images the same way
 
 
 @dataclass
@@ -66,6 +70,7 @@ class _Plan:
     state: dict | None
     state_file: Path | None
     img_size: int
+    notes: list[str] = field(default_factory=list)  # warnings found while checking (images left out ...)
 
 
 def seed_everything(seed: int) -> None:
@@ -92,12 +97,16 @@ def _absolute(path: str | None) -> str | None:
 
 
 def prepare(cfg: FinetuneConfig, d: distributed.Dist) -> _Plan:
-    """Every check that can fail, in every process, before anything trains or is written."""
-    cfg.validate()
-    zoo.get_preset(cfg.preset)
+    """Every check that can fail, in every process, before anything trains or is written (options: `finetune`)."""
     recipe = cfg.recipe()
     img_size = _img_size(cfg)
-    data = load_data(cfg.data, protocol=cfg.protocol, img_size=img_size, generated=cfg.generated)
+    output = Path(cfg.output)
+    ckpt.check_output(output, cfg.data)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        data = load_data(cfg.data, protocol=cfg.protocol, img_size=img_size, generated=cfg.generated,
+                         skip_bad_images=cfg.skip_bad_images)
+    notes = [str(w.message) for w in caught]
     if cfg.dataset:
         expected = dataset_recipe(cfg.dataset).num_classes
         if data.num_classes != expected:
@@ -117,25 +126,50 @@ def prepare(cfg: FinetuneConfig, d: distributed.Dist) -> _Plan:
     resolved["generated"] = cfg.to_dict()["generated"]
     resolved["rank"] = cfg.rank if cfg.rank is not None else zoo.get_preset(cfg.preset).rank
     resolved["img_size"] = img_size
-    output = Path(cfg.output)
-    if output.exists() and not output.is_dir():
-        raise CheckpointError(f"output {output} is a file, not a folder")
     state = state_file = None
+    existing = ckpt.holds_run(output)
     if cfg.resume:
         state_file = ckpt.resolve_resume(cfg.resume, output)
         state = ckpt.load_state(state_file)
         check_same_run(state["config"], resolved, state_file)
-    else:
-        existing = ckpt.holds_run(output)
-        if existing and not cfg.force:
-            raise CheckpointError(f"output {output} already holds a run ({', '.join(existing[:4])}): continue it with --resume, "
-                                  f"start over with --force, or choose another --output")
-    return _Plan(data, recipe, resolved, batch // per, output, state, state_file, img_size)
+        _check_resume_target(output, state_file, resolved, existing, cfg.force)
+    elif existing and not cfg.force:
+        raise CheckpointError(f"output {output} already holds a run ({', '.join(existing[:4])}): continue it with --resume, "
+                              f"start over with --force, or choose another --output")
+    return _Plan(data, recipe, resolved, batch // per, output, state, state_file, img_size, notes)
+
+
+def _check_resume_target(output: Path, source: Path, resolved: dict, existing: list[str], force: bool) -> None:
+    """Resuming from a file outside `output` must not overwrite another run that lives there."""
+    own = ckpt.list_states(output)
+    if not existing or force or _inside(source, output):
+        return
+    if own:
+        try:
+            differ = _differences(ckpt.load_state(own[-1][1])["config"], resolved)
+        except CheckpointError:
+            differ = [f"its newest checkpoint {own[-1][1].name} is unreadable"]
+        if not differ:
+            return
+        raise CheckpointError(f"output {output} holds another run ({'; '.join(differ[:3])}): resuming {source} there would "
+                              f"overwrite it; choose another --output, or --force to replace that run")
+    raise CheckpointError(f"output {output} already holds files of a run ({', '.join(existing[:4])}) and no checkpoint to match "
+                          f"them: resuming {source} there would overwrite them; choose another --output, or --force")
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return folder.resolve() in path.resolve().parents
+
+
+def _differences(stored: dict, now: dict) -> list[str]:
+    """What differs between a checkpoint's resolved options and this run's (RUN_FIELDS, RESOLVED_FIELDS)."""
+    return [f"{k}: checkpoint {stored.get(k, ADDED_FIELDS.get(k))!r}, now {now.get(k)!r}" for k in (*RUN_FIELDS, *RESOLVED_FIELDS)
+            if stored.get(k, ADDED_FIELDS.get(k)) != now.get(k)]
 
 
 def check_same_run(stored: dict, now: dict, source: Path) -> None:
     """A resumed run must compute the same thing: same preset, classes, rank, batch, schedule ..."""
-    differ = [f"{k}: checkpoint {stored.get(k)!r}, now {now.get(k)!r}" for k in (*RUN_FIELDS, *RESOLVED_FIELDS) if stored.get(k) != now.get(k)]
+    differ = _differences(stored, now)
     if differ:
         shown = "; ".join(d if len(d) < 200 else d[:200] + "...'" for d in differ[:6])
         raise ResumeMismatchError(f"{source} was written by another run ({len(differ)} difference(s)): {shown}. "
@@ -156,9 +190,10 @@ def train_epoch(net: nn.Module, loader: DataLoader, *, epoch: int, optimizer, sc
     loader.dataset.set_epoch(epoch)
     total, updates = len(loader), math.ceil(len(loader) / accum)
     loss_sum = correct = seen = 0.0
+    bad_loss = None  # the first non-finite loss of the current update
     start = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
-    for i, (x, y) in enumerate(loader):
+    for i, (x, y) in enumerate(_batches(loader)):
         x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
         target = y
         if mixup is not None and len(x) % 2 == 0:  # timm mixes pairs: an odd last batch trains unmixed
@@ -171,10 +206,14 @@ def train_epoch(net: nn.Module, loader: DataLoader, *, epoch: int, optimizer, sc
                 loss = criterion(out, target)
             scaled = loss / group
             (scaler.scale(scaled) if scaler.is_enabled() else scaled).backward()
-        loss_sum += loss.item() * len(y)
+        value = loss.item()
+        if not math.isfinite(value) and bad_loss is None:
+            bad_loss = value
+        loss_sum += value * len(y)
         correct += (out.argmax(-1) == y).sum().item()
         seen += len(y)
         if last:
+            _check_update(bad_loss, d, epoch=epoch + 1, update=i // accum + 1, lr=optimizer.param_groups[0]["lr"])
             if scaler.is_enabled():
                 scaler.step(optimizer)
                 scaler.update()
@@ -193,12 +232,42 @@ def train_epoch(net: nn.Module, loader: DataLoader, *, epoch: int, optimizer, sc
     return step, {"lr": lr, "train_loss": loss_sum / seen, "train_acc": correct / seen, "images_per_s": seen / seconds, "seconds": seconds}
 
 
+def _batches(loader: DataLoader):
+    """The loader's batches; a DataError raised in a worker process comes back with its own message
+    (the DataLoader re-raises it with the worker's traceback as text in the message)."""
+    try:
+        yield from loader
+    except DataError as e:
+        text = str(e)
+        if "DataLoader worker" not in text:
+            raise
+        raise DataError(text.rpartition(f"{type(e).__name__}: ")[2].strip() or text.splitlines()[0]) from e
+
+
+def _check_update(bad_loss: float | None, d: distributed.Dist, *, epoch: int, update: int, lr: float) -> None:
+    """Before an optimizer step: DivergedError if any process saw a non-finite loss in this update (all
+    processes agree, so all stop together, and the step that would spread NaN is never taken)."""
+    bad = bad_loss is not None
+    if d.enabled:
+        bad = distributed.all_sum([float(bad)], d)[0] > 0
+    if bad:
+        raise DivergedError(f"training diverged: the loss is {bad_loss if bad_loss is not None else 'not finite'} in epoch {epoch}, "
+                            f"update {update} (lr {lr:.3g})")
+
+
+def _check_finite(model: nn.Module, epoch: int) -> None:
+    bad = [n for n, p in model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
+    if bad:
+        raise DivergedError(f"training diverged: {len(bad)} trained tensor(s) are no longer finite after epoch {epoch} "
+                            f"(e.g. {bad[0]})")
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, *, amp: torch.dtype | None, d: distributed.Dist) -> dict:
     """Mean cross-entropy and top-1 accuracy over a split, each image once across processes."""
     model.eval()
     loss_sum = correct = seen = 0.0
-    for x, y in loader:
+    for x, y in _batches(loader):
         x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
         with torch.autocast(d.device.type, dtype=amp, enabled=amp is not None):
             out = model(x)
@@ -209,28 +278,36 @@ def evaluate(model: nn.Module, loader: DataLoader, *, amp: torch.dtype | None, d
     return {"loss": loss_sum / seen, "acc": correct / seen, "images": int(seen)}
 
 
-def finetune(config: FinetuneConfig, *, hook: Hook | None = None) -> FinetuneResult:
+def finetune(config: FinetuneConfig, *, hook: Hook | None = None, adapt: Adapt | None = None) -> FinetuneResult:
     """Fine-tune a zoo preset's adapters and head (see the module docstring); returns the result.
 
+    `adapt` replaces RLRR by another method for comparisons through the same loop: it gets the
+    base model (weights loaded) and returns the model to train, with exactly that method's
+    parameters requiring grad (`benchmarks.variants`: LoRA, SSF, linear probing, full
+    fine-tuning). Its files then hold the trained tensors by name (not an RLRR adapter file), and
+    a resumed run must be given the same `adapt`.
+
     Raises, before training: DataError, BatchSizeError, RecipeError, CheckpointError,
-    ResumeMismatchError, and the zoo's errors for unknown presets and weight files.
+    ResumeMismatchError, and the zoo's errors for unknown presets and weight files. During it:
+    DivergedError (a non-finite loss or tensor), ResourceError (a write the file system refused),
+    DataError (an image that fails to decode although its header passed the check).
     """
+    config.validate()  # before the process group and the device: options first
     d = distributed.setup(config.device)
     try:
-        return _run(config, d, hook)
+        return _run(config, d, hook, adapt)
     finally:
         distributed.teardown(d)
 
 
-def _run(cfg: FinetuneConfig, d: distributed.Dist, hook: Hook | None) -> FinetuneResult:
+def _run(cfg: FinetuneConfig, d: distributed.Dist, hook: Hook | None, adapt: Adapt | None) -> FinetuneResult:
     plan = prepare(cfg, d)
     progress = Progress("none" if not d.main else cfg.progress, log_every=cfg.log_every)
     recipe, data, amp_name = plan.recipe, plan.data, plan.resolved["amp"]
     _, amp = resolve_amp(amp_name, d.device)
 
     seed_everything(cfg.seed)  # the same random base and adapters in every process
-    built = build_for_training(cfg.preset, data.num_classes, weights=cfg.weights, rank=cfg.rank, init=cfg.init,
-                               targets=cfg.targets, img_size=cfg.img_size, tiny=cfg.tiny, drop_path=recipe["drop_path"])
+    built = _build(cfg, plan, adapt)
     model = built.model.to(d.device)
     train_tf, eval_tf = transforms(plan.resolved["crop"], plan.img_size, flip=recipe["flip"], mean=built.mean, std=built.std,
                                    interpolation=built.interpolation)
@@ -278,19 +355,33 @@ def _run(cfg: FinetuneConfig, d: distributed.Dist, hook: Hook | None) -> Finetun
     net = distributed.wrap(model, d)
 
     if d.main:
-        plan.output.mkdir(parents=True, exist_ok=True)
-        if cfg.force and plan.state is None:
+        with ckpt.storage(f"cannot create the output folder {plan.output}"):
+            plan.output.mkdir(parents=True, exist_ok=True)
+        stale = ckpt.remove_stale_temp(plan.output)
+        if stale:
+            plan.notes.append(f"removed {len(stale)} temp file(s) a killed run left in {plan.output}: {', '.join(p.name for p in stale[:5])}")
+        if cfg.force and (plan.state is None or not _inside(plan.state_file, plan.output)):  # another run's files go
             for name in ckpt.holds_run(plan.output):
-                (plan.output / name).unlink(missing_ok=True)
+                with ckpt.storage(f"cannot delete {plan.output / name} (--force)"):
+                    (plan.output / name).unlink(missing_ok=True)
     _describe(progress, cfg, plan, built, model, d, updates)
     distributed.barrier(d)
 
-    run_info = _run_info(cfg, plan, model, d, updates)
+    run_info = {**_run_info(cfg, plan, model, d, updates), "method": method_name(adapt)}
     for epoch in range(start, cfg.epochs):
         progress.start_epoch(epoch + 1, cfg.epochs, updates)
-        step, row = train_epoch(net, train_loader, epoch=epoch, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                                criterion=criterion, mixup=mixup, accum=cfg.accum, amp=amp, d=d, step=step, progress=progress, hook=hook)
-        val = evaluate(model, val_loader, amp=amp, d=d)
+        try:
+            step, row = train_epoch(net, train_loader, epoch=epoch, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                                    criterion=criterion, mixup=mixup, accum=cfg.accum, amp=amp, d=d, step=step, progress=progress,
+                                    hook=hook)
+            _check_finite(model, epoch + 1)
+            val = evaluate(model, val_loader, amp=amp, d=d)
+        except (DivergedError, DataError) as e:  # found mid-run: say what of the run is kept
+            progress.end_epoch_early()
+            states = ckpt.list_states(plan.output)
+            kept = f"the files of epoch {states[-1][0]} are intact" if states else "no epoch was written"
+            advice = f". Lower --lr (now {recipe['lr']:g}) or check the data and weights" if isinstance(e, DivergedError) else ""
+            raise type(e)(f"{e}; {kept}{advice}") from e
         is_best = val["acc"] > best_acc
         if is_best:
             best_acc, best_epoch, best_tensors = val["acc"], epoch + 1, ckpt.trainable_tensors(model)
@@ -320,7 +411,26 @@ def _run(cfg: FinetuneConfig, d: distributed.Dist, hook: Hook | None) -> Finetun
     if d.main:
         progress.info(f"done: best val acc {best_acc:.1%} at epoch {best_epoch}; files in {plan.output}: {ckpt.LAST}, {ckpt.BEST}, "
                       f"{ckpt.METRICS_CSV}, {ckpt.METRICS_JSON}")
-    return FinetuneResult(model, history, best_acc, best_epoch, test, plan.output, data.classes, files)
+    return FinetuneResult(model, history, best_acc, best_epoch, test, plan.output, data.classes, files, eval_tf)
+
+
+def _build(cfg: FinetuneConfig, plan: _Plan, adapt: Adapt | None) -> Built:
+    """The preset with RLRR at its placement. With an --img-size of the user's, one forward pass on a
+    blank image checks the model runs at that size: a failure is bad input, found before any file is written."""
+    kwargs = dict(weights=cfg.weights, rank=cfg.rank, init=cfg.init, targets=cfg.targets, img_size=cfg.img_size, tiny=cfg.tiny,
+                  drop_path=plan.recipe["drop_path"], model_kwargs=cfg.model_kwargs, adapt=adapt)
+    if cfg.img_size is None:
+        return build_for_training(cfg.preset, plan.data.num_classes, **kwargs)
+    try:
+        built = build_for_training(cfg.preset, plan.data.num_classes, **kwargs)
+        with torch.no_grad():
+            built.model.eval()(torch.zeros(1, 3, plan.img_size, plan.img_size))
+    except torch.OutOfMemoryError:
+        raise
+    except (RuntimeError, ValueError, AssertionError, IndexError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RecipeError(f"preset {cfg.preset}{' (tiny)' if cfg.tiny else ''} does not run at --img-size {cfg.img_size}: {first[:200]}") from e
+    return built
 
 
 def _save_epoch(plan, cfg, built, model, row, history, run_info, best_acc, best_epoch, best_tensors, optimizer, scaler, rngs, step) -> list[str]:
@@ -352,7 +462,8 @@ def _run_info(cfg, plan, model, d, updates) -> dict:
     c = counts(model)
     return {"preset": cfg.preset, "tiny": cfg.tiny, "weights": plan.resolved["weights"], "data": plan.data.description,
             "classes": len(plan.data.classes), "processes": d.world, "micro_batch": plan.micro, "updates_per_epoch": updates,
-            "trainable": c["trainable"], "adapter_params": c["adapter"], "head_params": c["head"], "config": plan.resolved}
+            "trainable": c["trainable"], "adapter_params": c["adapter"], "head_params": c["head"], "config": plan.resolved,
+            "skipped_images": [{"file": f, "why": why} for f, why in plan.data.skipped]}
 
 
 def _describe(progress: Progress, cfg, plan, built: Built, model, d, updates: int) -> None:
@@ -366,10 +477,15 @@ def _describe(progress: Progress, cfg, plan, built: Built, model, d, updates: in
     for note in built.notes:
         progress.info(f"  note: {note}")
     tensors, values = distributed.reduced_tensors(model)
-    progress.info(f"adapters: {c['sites']} sites, rank {built.config.rank}, init {cfg.init}; trainable {c['trainable']:,} values "
-                  f"= adapters {c['adapter']:,} + head {c['head']:,} of {c['total']:,}; weight decay on {len(groups[0]['params'])} tensors, "
-                  f"none on {len(groups[1]['params'])}")
+    decay = f"weight decay on {len(groups[0]['params'])} tensors, none on {len(groups[1]['params'])}"
+    if built.config is None:
+        progress.info(f"method: {built.placement['method']} (not RLRR); trainable {c['trainable']:,} values of {c['total']:,}; {decay}")
+    else:
+        progress.info(f"adapters: {c['sites']} sites, rank {built.config.rank}, init {cfg.init}; trainable {c['trainable']:,} values "
+                      f"= adapters {c['adapter']:,} + head {c['head']:,} of {c['total']:,}; {decay}")
     progress.info(f"data: {plan.data.description}")
+    for note in plan.notes:
+        progress.info(f"  warning: {note}")
     progress.info(f"recipe: AdamW lr {rec['lr']:g} wd {rec['weight_decay']:g}; cosine to {cfg.min_lr:g}, warm-up {rec['warmup_epochs']:g} "
                   f"epochs ({round(rec['warmup_epochs'] * updates)} updates) from {cfg.warmup_lr:g}, cooldown {cfg.cooldown_epochs:g}; {cfg.epochs} epochs x {updates} updates; "
                   f"batch {rec['batch_size']} = {d.world} process(es) x {plan.micro} x {cfg.accum} accumulation; crop {r['crop']}, "

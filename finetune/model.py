@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -13,14 +14,17 @@ import zoo
 from finetune.errors import RecipeError, ResumeMismatchError
 
 
+Adapt = Callable[[nn.Module], nn.Module]  # another method: base model in, model to train out (only its parameters require grad)
+
+
 @dataclass
 class Built:
     """The adapted model and how it was made."""
 
     model: nn.Module
     preset: zoo.Preset
-    config: rlrr.RLRRConfig  # how RLRR was applied: the placement's config, rank and init
-    placement: dict  # where: the rlrr.apply targets, trainable and ssf arguments
+    config: rlrr.RLRRConfig | None  # how RLRR was applied: the placement's config, rank and init; None: another method
+    placement: dict  # where: the rlrr.apply targets, trainable and ssf arguments; or {"method": name}
     notes: list[str]  # what the zoo warned about (random weights, a head left fresh ...)
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -28,13 +32,16 @@ class Built:
 
 
 def build_for_training(preset_name: str, num_classes: int, *, weights: str | None, rank: int | None, init: str, targets,
-                       img_size: int | None, tiny: bool, drop_path: float) -> Built:
-    """Build the preset's base (random, or from `weights`), then RLRR at its placement.
+                       img_size: int | None, tiny: bool, drop_path: float, model_kwargs: dict | None = None,
+                       adapt: Adapt | None = None) -> Built:
+    """Build the preset's base (random, or from `weights`), then RLRR at its placement, or `adapt` it.
 
-    Seed the global RNG first: the random init (base and adapters) draws from it.
+    `adapt` is another method (LoRA, SSF, linear probing, full fine-tuning: `benchmarks.variants`)
+    for comparisons through the same loop. Seed the global RNG first: the random init (base and
+    adapters) draws from it.
     """
     preset = zoo.get_preset(preset_name)
-    kwargs = {}
+    kwargs = dict(model_kwargs or {})
     if drop_path > 0:
         if preset.library != "timm":
             raise RecipeError(f"drop path (stochastic depth) needs a timm model; {preset.name} is built by {preset.library}: use --drop-path 0")
@@ -48,6 +55,9 @@ def build_for_training(preset_name: str, num_classes: int, *, weights: str | Non
             notes.append(str(w.message))
         else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if adapt is not None:
+        mean, std, interpolation = _normalisation(model, preset)
+        return Built(adapt(model), preset, None, {"method": method_name(adapt)}, notes, mean, std, interpolation)
     config = preset.placement.config_for(preset.rank if rank is None else rank, init=init)
     arguments = preset.placement.arguments(config)
     if targets:
@@ -56,6 +66,10 @@ def build_for_training(preset_name: str, num_classes: int, *, weights: str | Non
     mean, std, interpolation = _normalisation(model, preset)
     placement = {k: v for k, v in arguments.items() if k != "config"}
     return Built(model, preset, config, placement, notes, mean, std, interpolation)
+
+
+def method_name(adapt: Adapt | None) -> str:
+    return "rlrr" if adapt is None else getattr(adapt, "__name__", type(adapt).__name__)
 
 
 def _normalisation(model: nn.Module, preset: zoo.Preset) -> tuple[tuple, tuple, str]:
@@ -91,11 +105,12 @@ def metadata(model: nn.Module, built: Built, classes: list[str], finetune: dict)
     """User metadata of the run's adapter files: the zoo record (what `zoo.from_adapter` and
     `export.onnx --adapter` build from), the classes, the placement and the run's facts."""
     meta = zoo.adapter_metadata(model)
-    meta["rank"] = built.config.rank
+    if built.config is not None:
+        meta["rank"] = built.config.rank
     if meta.get("tiny"):  # the twin's builder arguments, so that a builder that does not know the zoo gets the same model
         meta["model_kwargs"] = {**built.preset.tiny.kwargs, **meta.get("model_kwargs", {})}
     meta["classes"] = list(classes)
-    meta["placement"] = {**built.placement, **built.config.to_dict()}
+    meta["placement"] = {**built.placement, **(built.config.to_dict() if built.config is not None else {})}
     meta["finetune"] = finetune
     return meta
 

@@ -46,6 +46,12 @@ class Progress:
             self.info(f"  epoch {self._epoch}/{self._epochs} update {step}/{updates}: loss {loss:.4f} acc {acc:.1%} "
                       f"{images_per_s:.0f} img/s lr {lr:.2e}")
 
+    def end_epoch_early(self) -> None:
+        """The epoch stopped (an error): close the bar so the error line starts on a clean line."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
     def end_epoch(self, row: dict, saved: list[str]) -> None:
         if self._bar is not None:
             self._bar.close()

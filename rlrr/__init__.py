@@ -19,6 +19,7 @@ from rlrr.errors import (
     NonFiniteError,
     NotAdaptedError,
     RLRRError,
+    RoutingError,
     TraceError,
     UnknownAdapterError,
     UnknownTargetKindError,
@@ -28,6 +29,7 @@ from rlrr.linear_forward import set_recompute
 from rlrr.multi import (
     active_adapters,
     add_adapter,
+    check_name as check_adapter_name,
     combine,
     delete_adapter,
     disable_adapters,
@@ -37,6 +39,7 @@ from rlrr.multi import (
     save_adapters,
     set_active,
 )
+from rlrr.per_sample import TaskRouter, check_same_placement, per_sample
 from rlrr.sites import Plan, Site, Skipped
 from rlrr.adapter_file import AdapterSet, atomic_write, read_adapter_file, write_adapter_file
 from rlrr.state import adapter_state, load_adapter, save_adapter
@@ -87,4 +90,9 @@ __all__ = [
     "plan",
     "save_adapter",
     "set_recompute",
+    "RoutingError",
+    "TaskRouter",
+    "check_adapter_name",
+    "check_same_placement",
+    "per_sample",
 ]

@@ -62,14 +62,16 @@ def _umask() -> int:
 
 
 def atomic_write(path: str | os.PathLike, write) -> Path:
-    """Call `write(tmp_path)` then rename onto `path`, so a reader never sees half a file."""
-    path = Path(path)
+    """Call `write(tmp_path)`, flush it to disk, then rename onto `path`: a reader never sees half a file."""
+    path = _path(path)
     if not path.parent.is_dir():
         raise AdapterFileError(f"cannot write {path}: folder {path.parent} does not exist")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # reason: safetensors creates its files 0600; give the usual mode
+        with open(tmp, "rb+") as f:  # reason: without it a power loss after the rename can leave an empty file
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
         raise AdapterFileError(f"cannot write {path}: {e}") from e
@@ -95,21 +97,9 @@ def write_adapter_file(path: str | os.PathLike, state: AdapterSet) -> Path:
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
-def write_adapter_file(path: str | os.PathLike, state: AdapterSet) -> Path:
-    """Write an AdapterSet to a safetensors file, atomically."""
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in _file_tensors(state).items()}
-    meta = {
-        "format": FORMAT,
-        "config": json.dumps(state.config.to_dict()),
-        "sites": json.dumps([s.to_dict() for s in state.sites]),
-        "user": json.dumps(state.metadata),
-    }
-    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
-
-
 def _path(path: str | os.PathLike) -> Path:
-    if not isinstance(path, (str, os.PathLike)) or "\0" in os.fspath(path) or not os.fspath(path):
-        raise AdapterFileError(f"an adapter file path must be a non-empty path without NUL bytes, got {path!r}")
+    if not isinstance(path, (str, os.PathLike)) or not isinstance(os.fspath(path), str) or "\0" in os.fspath(path) or not os.fspath(path):
+        raise AdapterFileError(f"a file path must be a non-empty path without NUL bytes, got {path!r}")
     return Path(path)
 
 

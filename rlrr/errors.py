@@ -49,3 +49,8 @@ class NonFiniteError(RLRRError, FloatingPointError):
 
 class UnknownAdapterError(RLRRError, LookupError):
     """A named adapter that the model does not hold."""
+
+
+class RoutingError(RLRRError, ValueError):
+    """Per-sample routing cannot serve a request: a task index out of range, a batch that does not
+    match the task list, or a site whose per-sample form is not implemented."""

@@ -83,6 +83,26 @@ def check_trained(model: nn.Module, state: AdapterSet, allowed: list[str], sourc
         raise AdapterMismatchError(f"{source}: trained tensors do not fit {type(model).__name__}: {bad[:8]}")
 
 
+def fit_sites(model: nn.Module, state: AdapterSet, source: str = "adapter") -> list[Site]:
+    """The base model's own sites for `state`'s (which tensors, which bias), with its choice of method and chunks.
+
+    AdapterMismatchError names the sites that differ, or the tensors that do not fit them.
+    """
+    found = {s.name: s for s in discover(model).sites}
+    targets = [replace(found[s.name], method=s.method, chunks=s.chunks, chunks_from=s.chunks_from) for s in state.sites if s.name in found]
+    _check_fit(model, state, source, _mismatches(state.sites, found), targets)
+    return targets
+
+
+def _check_fit(model: nn.Module, state: AdapterSet, source: str, problems: list[str], targets: list[Site]) -> None:
+    if problems:
+        raise AdapterMismatchError(f"{source} does not fit {type(model).__name__}: {len(problems)} site(s) differ: " + "; ".join(problems[:8]))
+    expected = expected_shapes(targets, state.config, source)
+    wrong = [k for k, v in state.tensors.items() if expected.get(k) != tuple(v.shape)]
+    if wrong or set(expected) != set(state.tensors):
+        raise AdapterMismatchError(f"{source}: adapter tensors do not fit the model's sites: {(wrong or sorted(set(expected) ^ set(state.tensors)))[:8]}")
+
+
 def install(model: nn.Module, state: AdapterSet, source: str = "adapter", trainable: str | Iterable[str] | None = None) -> nn.Module:
     """Make `state` the model's live adapter: adapt a base model with its sites, then copy in.
 
@@ -98,17 +118,9 @@ def install(model: nn.Module, state: AdapterSet, source: str = "adapter", traina
         if existing[0].config != state.config:
             problems.insert(0, f"the model was adapted with {existing[0].config}, the file holds {state.config}")
         targets = [found[s.name] for s in state.sites if s.name in found]
+        _check_fit(model, state, source, problems, targets)
     else:
-        found = {s.name: s for s in discover(model).sites}
-        problems = _mismatches(state.sites, found)
-        # the model's own site (which tensors, which bias), with the file's choice of method and chunks
-        targets = [replace(found[s.name], method=s.method, chunks=s.chunks, chunks_from=s.chunks_from) for s in state.sites if s.name in found]
-    if problems:
-        raise AdapterMismatchError(f"{source} does not fit {type(model).__name__}: {len(problems)} site(s) differ: " + "; ".join(problems[:8]))
-    expected = expected_shapes(targets, state.config, source)
-    wrong = [k for k, v in state.tensors.items() if expected.get(k) != tuple(v.shape)]
-    if wrong or set(expected) != set(state.tensors):
-        raise AdapterMismatchError(f"{source}: adapter tensors do not fit the model's sites: {(wrong or sorted(set(expected) ^ set(state.tensors)))[:8]}")
+        targets = fit_sites(model, state, source)
     allowed = allowed_modules(model, state, trainable)
     check_trained(model, state, allowed, source)
     if not existing:

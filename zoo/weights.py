@@ -37,7 +37,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     """The tensors of a `.safetensors` or `.pth`/`.pt`/`.bin` file, unwrapped to a flat state dict."""
     path = Path(path)
     if not path.is_file():
-        raise WeightsFileError(f"weight file {path} does not exist")
+        raise WeightsFileError(f"weight file {path} is a folder, not a file" if path.is_dir() else f"weight file {path} does not exist")
     suffix = path.suffix.lower()
     if suffix == ".npz":
         raise WeightsFileError(f"{path}: .npz checkpoints (Google's ViT) are read by timm; build a timm ViT preset with loader='timm'")
@@ -192,7 +192,7 @@ def load_via_timm(create: Callable[[dict], nn.Module], path: str | os.PathLike, 
     path = Path(path)
     head = tuple(head)
     if not path.is_file():
-        raise WeightsFileError(f"weight file {path} does not exist")
+        raise WeightsFileError(f"weight file {path} is a folder, not a file" if path.is_dir() else f"weight file {path} does not exist")
     try:
         return create(timm_overlay(path, num_classes))
     except RuntimeError as e:

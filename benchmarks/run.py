@@ -43,7 +43,7 @@ def plan(args: argparse.Namespace) -> list[dict]:
     tasks = gpu_plan(args) if args.device == "cuda" or args.smoke else cpu_plan(args)
     out = []
     for spec in tasks:
-        if missing(spec["task"]) or missing(spec.get("variant", "")):
+        if missing(spec["task"]) or missing(spec.get("variant", "")) or (args.tasks and spec["task"] not in args.tasks):
             continue
         if "variants" in spec:
             spec = {**spec, "variants": [v for v in spec["variants"] if not missing(v)]}
@@ -112,10 +112,25 @@ def run_task(spec: dict, threads: int, timeout: float, kernels: str | None, in_p
     return {"spec": spec, "wall_s": time.perf_counter() - t, **result}
 
 
+def _key(result: dict) -> tuple:
+    spec = result["spec"]
+    return spec["task"], spec.get("model"), spec.get("variant")
+
+
+def merge(old: dict, new: dict) -> dict:
+    """One run made of parts (`--append`): every part's command and time span, the newest result of each task."""
+    old.pop("analysis", None)
+    if old["environment"] != new["environment"] or old.get("kernels") != new.get("kernels"):
+        raise SystemExit("--append: the results in --out come from another machine or setting; use another --out")
+    done = {_key(r) for r in new["tasks"]}
+    return {**new, "command": f"{old['command']}; {new['command']}", "started": old["started"],
+            "skipped": sorted(set(old["skipped"]) | set(new["skipped"])), "tasks": [r for r in old["tasks"] if _key(r) not in done] + new["tasks"]}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="ViT-S/16 only, fewer inference rounds (about 8 minutes)")
-    p.add_argument("--models", type=lambda s: s.split(","), default=["vit_s16", "vit_b16"], help="comma-separated: vit_s16,vit_b16")
+    p.add_argument("--models", type=lambda s: [m for m in s.split(",") if m], default=["vit_s16", "vit_b16"], help="comma-separated: vit_s16,vit_b16")
     p.add_argument("--big", default="vit_h14", help="model for the apply/fold/ONNX-export rows ('' to skip)")
     p.add_argument("--skip-big-onnx", action="store_true", help="skip the big model's ONNX export (minutes, GBs)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
@@ -124,6 +139,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kernels", default="inductor", help="torch.compile backend for RLRR's training kernels ('none': eager ops)")
     p.add_argument("--threads", type=int, default=None, help="torch and onnxruntime threads per worker (default: 2 on CPU, all on cuda)")
     p.add_argument("--out", type=Path, default=None, help="folder for benchmark.{json,md,png} (default: benchmarks/results, or results/<device> for --device cuda)")
+    p.add_argument("--tasks", type=lambda s: s.split(","), default=None,
+                   help="comma-separated task names to run (train_timing,train_memory,gemm_floor,inference,onnx,big_apply_fold,big_onnx)")
+    p.add_argument("--append", action="store_true",
+                   help="add to the results already in --out (a task run again replaces its earlier result): one run in parts")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per worker process")
     p.add_argument("--in-process", action="store_true", help="run the tasks in this process (a quick functional check; memory figures are then the run's)")
     p.add_argument("--quiet-load", type=float, default=None, help="before each task, wait until the 1-minute load average is below this")
@@ -160,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     doc = {"command": command.strip(), "started": started, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "environment": environment, "kernels": kernels, "skipped": skipped, "tasks": results}
     out.mkdir(parents=True, exist_ok=True)
+    if args.append and (out / "benchmark.json").exists():
+        doc = merge(json.loads((out / "benchmark.json").read_text()), doc)
     paths = write_reports(doc, out)
     print(Path(paths["md"]).read_text())
     print("wrote " + ", ".join(str(v) for v in paths.values()), file=sys.stderr)

@@ -152,3 +152,19 @@ def test_the_gpu_command_says_when_there_is_no_gpu(capsys):
         pytest.skip("a GPU is here")
     assert main(["--device", "cuda"]) == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_a_run_in_parts_keeps_every_part_and_the_newest_result_of_a_task():
+    from benchmarks.run import merge, parse_args, plan
+
+    assert [t["task"] for t in plan(parse_args(["--tasks", "big_apply_fold", "--models", ""]))] == ["big_apply_fold"]
+    env = {"cpu": "x"}
+
+    def part(command, started, *tasks):
+        return {"command": command, "started": started, "finished": started, "environment": env, "kernels": "inductor", "skipped": [],
+                "tasks": [{"spec": {"task": t, "model": "vit_s16"}, "ok": True, "n": started} for t in tasks]}
+
+    doc = merge(part("a", "1", "train_timing", "gemm_floor"), part("b", "2", "gemm_floor"))
+    assert doc["command"] == "a; b" and doc["started"] == "1" and [(t["spec"]["task"], t["n"]) for t in doc["tasks"]] == [("train_timing", "1"), ("gemm_floor", "2")]
+    with pytest.raises(SystemExit, match="another machine"):
+        merge(part("a", "1"), {**part("b", "2"), "environment": {"cpu": "y"}})

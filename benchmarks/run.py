@@ -27,6 +27,7 @@ from benchmarks.report import write_reports
 RESULTS = Path(__file__).parent / "results"
 MAIN = ["full", "full_fwd_bwd", "linear_probe", "rlrr", "rlrr_eager", "lora_r8", "ssf"]
 ABLATIONS = ["rlrr_linears", "rlrr_parametrize"]  # like-for-like placement; without the recompute Function
+SMALL = "vit_s16"
 NO_MEMORY = {"full_fwd_bwd", "rlrr_eager"}  # same model and memory as "full" / "rlrr" (bar the optimizer state / compiled code)
 #: What a missing optional package removes from a run (said in the report).
 NEEDS = {"lora_r8": "peft", "onnx": "onnxruntime"}
@@ -56,8 +57,8 @@ def cpu_plan(args: argparse.Namespace) -> list[dict]:
     quick = args.quick
     models = ["vit_s16"] if quick else args.models
     tasks: list[dict] = []
-    for i, model in enumerate(models):
-        small = i == 0
+    for model in models:
+        small = model == SMALL  # the ablations and the longer inference series: on ViT-S/16 only, whatever part of a run this is
         variants = MAIN + (ABLATIONS if small else [])
         tasks.append({"task": "train_timing", "model": model, "variants": variants + ["dense_floor"], "rounds": 10, "warmup": 2})
         tasks += [{"task": "train_memory", "model": model, "variant": v, "steps": 2} for v in variants if v not in NO_MEMORY]

@@ -299,7 +299,32 @@ def write_reports(doc: dict, out: Path) -> dict[str, str]:
     return {k: str(v) for k, v in paths.items()}
 
 
+def _timing_ratios(doc: dict) -> dict[tuple[str, str], dict]:
+    """(model, row) -> the paired ratio of RLRR's step to each reference, from the raw rounds."""
+    out = {}
+    for model, tr in analyse(doc)["training"].items():
+        r = tr["rows"].get("rlrr", {})
+        for ref in ("full_fwd_bwd", "full", "lora_r8"):
+            if f"x_{ref}" in r:
+                out[(model, ref)] = r[f"x_{ref}"]
+    return out
+
+
+def compare(first: dict, second: dict) -> str:
+    """Two runs' RLRR step ratios side by side, and whether each median lies in the other's [min–max]."""
+    a, b = _timing_ratios(first), _timing_ratios(second)
+    lines = ["| model | RLRR / | run 1 | run 2 | each median inside the other's range |", "|---|---|---|---|---|"]
+    for key in [k for k in a if k in b]:
+        x, y = a[key], b[key]
+        inside = x["min"] <= y["median"] <= x["max"] and y["min"] <= x["median"] <= y["max"]
+        lines.append(f"| {MODEL_NAMES.get(key[0], key[0])} | {NAMES[key[1]].split(':')[0].split(' (')[0]} | {_ratio(x)} | {_ratio(y)} | {'yes' if inside else '**no**'} |")
+    return "\n".join(lines) + "\n"
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "--compare":  # python -m benchmarks.report --compare RUN1.json RUN2.json
+        print(compare(*(json.loads(Path(f).read_text()) for f in sys.argv[2:4])), end="")
+        sys.exit(0)
     source = Path(sys.argv[1])
     doc = json.loads(source.read_text())
     doc.pop("analysis", None)

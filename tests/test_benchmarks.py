@@ -168,3 +168,11 @@ def test_a_run_in_parts_keeps_every_part_and_the_newest_result_of_a_task():
     assert doc["command"] == "a; b" and doc["started"] == "1" and [(t["spec"]["task"], t["n"]) for t in doc["tasks"]] == [("train_timing", "1"), ("gemm_floor", "2")]
     with pytest.raises(SystemExit, match="another machine"):
         merge(part("a", "1"), {**part("b", "2"), "environment": {"cpu": "y"}})
+
+
+def test_compare_puts_two_runs_side_by_side(committed):
+    from benchmarks.report import compare
+
+    rows = compare(committed, committed).splitlines()[2:]
+    assert rows and all(r.endswith("| yes |") for r in rows)
+    assert any("| floor |" in r for r in rows)

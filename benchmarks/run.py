@@ -2,8 +2,8 @@
 
 Runs every measurement in its own worker process (benchmarks/worker.py), then writes
 `results/benchmark.json`, `results/benchmark.md` and `results/benchmark.png` (benchmarks/report.py).
-The default run (ViT-S/16, ViT-B/16, ViT-H/14 apply/fold/ONNX) takes about 25 minutes on 2
-cores, half as long again under load; `--quick` (ViT-S/16 only, fewer rounds) about 6.
+The default run (ViT-S/16, ViT-B/16, ViT-H/14 apply/fold/ONNX) takes about 45 minutes on 2
+cores; `--quick` (ViT-S/16 only) about 12. `--tasks` and `--append` take one run in parts.
 """
 
 from __future__ import annotations

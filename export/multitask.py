@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 import rlrr
 import zoo
-from export.errors import ExportError, VerificationError
+from export.errors import VerificationError
 from export.files import Staging, data_path, report_path
 from export.multireport import MultiTaskReport, TaskCheck
 from export.onnx import PROTOBUF_LIMIT, _MARGIN, OnnxExporter, model_bytes
@@ -215,7 +215,7 @@ def export_multitask(
         meta = [{"name": t.name, "index": k, "classes": c, "file": str(t.path)} for k, (t, c) in enumerate(zip(tasks, classes))]
         path, staged_adapters = staging.path(out.name), []
         if adapter_inputs:
-            with steps(f"exporting the base model with adapter inputs to ONNX"):
+            with steps("exporting the base model with adapter inputs to ONNX"):
                 files, defaults_name = _export_inputs(base, head, tasks[0], classes[0], example, path, exporter.opset, external, meta)
             with steps(f"writing {len(tasks)} .onnx_adapter files (onnxruntime.AdapterFormat)"):
                 staged_adapters = _write_adapters(base, head, tasks, staging, onnx_adapters)

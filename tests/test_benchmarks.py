@@ -81,7 +81,7 @@ def test_variants_train_what_they_say(committed, variant, trainable):
         linears = [n for n in names if n.endswith("rlrr_s_left")]
         assert len(linears) == 4 * 12  # qkv, proj, fc1, fc2 of 12 blocks
         norms = [n for n in names if "norm" in n.split(".parametrizations")[0] and n.endswith("rlrr_scale")]
-        assert len(norms) == (25 if variant == "rlrr" else 0)  # 2 a block + the final norm
+        assert len(norms) == (25 if variant in ("rlrr", "rlrr_eager") else 0)  # paper placement: 2 a block + the final norm
     if variant == "ssf":
         assert all(n.startswith("head.") or n.endswith(("ssf_scale", "ssf_shift")) for n in names)
     timing = next(t for t in committed["tasks"] if t["spec"]["task"] == "train_timing" and t["model"] == "vit_s16")

@@ -6,6 +6,7 @@ This package knows tensors and formulas, nothing about models or where adapters 
 from adapters.base import ADAPTER_PREFIX, INITS, Adapter, BiasOf, Scaling, adapter_parameters
 from adapters.combine import combine_concat, combine_weighted
 from adapters.conv import ConvRescale, flatten_kernel, unflatten_kernel
+from adapters.kernels import EAGER, compiled as compiled_kernels
 from adapters.linear import LinearRescale, rescale, scale_matrix
 from adapters.norm import ChannelScaleShift, NormScaleShift
 from adapters.per_row import conv2d_rows, linear_rows, scale_shift_rows
@@ -18,6 +19,7 @@ __all__ = [
     "BiasOf",
     "ChannelScaleShift",
     "ConvRescale",
+    "EAGER",
     "LinearRescale",
     "NormScaleShift",
     "RecomputedLinear",
@@ -25,6 +27,7 @@ __all__ = [
     "adapter_parameters",
     "combine_concat",
     "combine_weighted",
+    "compiled_kernels",
     "conv2d_rows",
     "flatten_kernel",
     "linear_rows",

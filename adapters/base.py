@@ -52,6 +52,15 @@ class Scaling:
         return "identity" if self.lowrank or self.sides == "right" else "paper"
 
 
+#: Elements in one block of an in-place fold: its temporaries (W, M, W' rows in float32) stay in cache.
+FOLD_BLOCK = 1 << 20
+
+
+def fold_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a fold computes in: float32, or float64 for float64 tensors (design.md §2)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def check_init(init: str) -> None:
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
@@ -109,9 +118,42 @@ class Adapter(nn.Module):
 
         Forward and fold evaluate the same `effective_*` function, so a fold is exact up to the cast.
         """
-        dtype = torch.float64 if original.dtype == torch.float64 else torch.float32
+        dtype = fold_dtype(original.dtype)
         value = self.effective_bias(original, dtype) if is_bias else self.effective_weight(original, dtype)
         return value.to(original.dtype)
+
+    def row_blocks(self, original: Tensor, is_bias: bool, rows: int | None = None) -> list[tuple[int, int]]:
+        """Ranges [start, stop) along dim 0 of `original` whose folds are independent of each other.
+
+        `rows` caps a block's rows (None: about FOLD_BLOCK elements). Here one block, the whole
+        tensor: a norm's or a channel scale's tensors are small. Rescaled matrices split.
+        """
+        return [(0, original.shape[0])] if original.dim() else [(0, 1)]
+
+    def folded_rows(self, original: Tensor, is_bias: bool, start: int, stop: int) -> Tensor:
+        """`folded` for the rows [start, stop) of `original` only (one of `row_blocks`)."""
+        value = self.folded(original, is_bias)
+        return value[start:stop] if value.dim() else value
+
+    @torch.no_grad()
+    def fold_is_finite(self, original: Tensor, is_bias: bool, rows: int | None = None) -> bool:
+        """Whether `folded` would be finite everywhere, computed block by block (memory: one block)."""
+        for start, stop in self.row_blocks(original, is_bias, rows):
+            value = self.folded_rows(original, is_bias, start, stop)
+            if value.numel() and not torch.isfinite(torch.stack(torch.aminmax(value))).all():  # NaN propagates
+                return False
+        return True
+
+    @torch.no_grad()
+    def fold_into(self, original: Tensor, is_bias: bool, rows: int | None = None) -> None:
+        """Write `folded` into `original` in place, block by block: no second full-size tensor.
+
+        A block's value depends only on its own rows of `original`, so writing it cannot change
+        a block still to come.
+        """
+        for start, stop in self.row_blocks(original, is_bias, rows):
+            value = self.folded_rows(original, is_bias, start, stop)
+            (original[start:stop] if original.dim() else original).copy_(value)
 
     def forward(self, weight: Tensor) -> Tensor:
         return self.cached("weight", weight, self.effective_weight)

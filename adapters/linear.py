@@ -18,33 +18,41 @@ from __future__ import annotations
 import torch
 from torch import Size, Tensor, nn
 
-from adapters.base import ADAPTER_PREFIX, Adapter, Scaling, check_init
+from adapters.base import ADAPTER_PREFIX, FOLD_BLOCK, Adapter, Scaling, check_init, fold_dtype
 
 
-def scale_matrix(s_left: Tensor | None, s_right: Tensor | None, out_features: int, in_features: int) -> Tensor:
+def scale_matrix(s_left: Tensor | None, s_right: Tensor | None, out_features: int, in_features: int, *, fused: bool = False) -> Tensor:
     """M = S_right @ S_left per output chunk, broadcastable to (out, in).
 
     s_left: (chunks, r, in); s_right: (out, r). A missing side counts as ones (one-sided scaling,
-    Table 6), which needs r = 1.
+    Table 6), which needs r = 1. `fused=True` writes the same product as a broadcast multiply
+    summed over r, which a code generator (torch.compile) fuses into the loop that consumes M, so
+    M is never stored; evaluated eagerly that form would store r copies of (out, in).
     """
     if s_left is None:
         return s_right  # (out, 1): scales whole rows
     chunks, rank, _ = s_left.shape
     if s_right is None:
         return s_left.expand(chunks, out_features // chunks, in_features).reshape(out_features, in_features)
+    if fused:
+        left = s_left.unsqueeze(1).expand(chunks, out_features // chunks, rank, in_features).reshape(out_features, rank, in_features)
+        return (s_right.unsqueeze(-1) * left).sum(1)  # (out, r, in) summed over r: each row with its chunk's S_left
     right = s_right.reshape(chunks, out_features // chunks, rank)  # (chunks, out/chunks, r)
     # reason: bmm also at r = 1 (an exact outer product): its backward reads dM twice as two
     # matrix-vector products, where a broadcast multiply's allocates two (out, in) temporaries.
     return torch.bmm(right, s_left).reshape(out_features, in_features)  # (chunks, out/chunks, in) -> (out, in)
 
 
-def rescale(weight: Tensor, m: Tensor, scaling: Scaling) -> Tensor:
-    """The adapted weight from W and M, elementwise in any layout (Eq. 16, Tables 6 and 11)."""
+def rescale(weight: Tensor, m: Tensor, scaling: Scaling, out: Tensor | None = None) -> Tensor:
+    """The adapted weight from W and M, elementwise in any layout (Eq. 16, Tables 6 and 11).
+
+    `out` (W itself for an in-place fold) receives the result.
+    """
     if scaling.lowrank:
-        return weight + m  # "w/o W": W + S_right @ S_left
+        return torch.add(weight, m, out=out)  # "w/o W": W + S_right @ S_left
     if scaling.residual:
-        return torch.addcmul(weight, m, weight)  # Eq. 16: W + s_left ⊙ W ⊙ s_right, one pass over W
-    return m * weight  # no residual: s_left ⊙ W ⊙ s_right
+        return torch.addcmul(weight, m, weight, out=out)  # Eq. 16: W + s_left ⊙ W ⊙ s_right, one pass over W
+    return torch.mul(m, weight, out=out)  # no residual: s_left ⊙ W ⊙ s_right
 
 
 class LinearRescale(Adapter):
@@ -128,19 +136,82 @@ class LinearRescale(Adapter):
     def adapts_bias(self) -> bool:
         return self.rlrr_shift is not None
 
-    def scale(self, dtype: torch.dtype | None = None) -> Tensor:
-        """M broadcast to (out, in), in `dtype` when given."""
-        m = scale_matrix(self._param("s_left", dtype), self._param("s_right", dtype), self.out_features, self.in_features)
-        return m.expand(self.out_features, self.in_features)
-
     def effective_weight(self, weight: Tensor, dtype: torch.dtype | None = None) -> Tensor:
         w = weight if dtype is None else weight.to(dtype)
-        return rescale(w, self.unflatten(self.scale(dtype), w.shape), self.scaling)
+        return self.weight_from(w, self._param("s_left", dtype), self._param("s_right", dtype), self.scaling)
+
+    @classmethod
+    def weight_from(cls, weight: Tensor, s_left: Tensor | None, s_right: Tensor | None, scaling: Scaling, *, fused: bool = False,
+                    out: Tensor | None = None) -> Tensor:
+        """W' from W and the scales passed in: `effective_weight` as a function of tensors (what a compiler traces).
+
+        `fused`: see `scale_matrix`; `out`: see `rescale`.
+        """
+        out_features, in_features = cls.matrix_shape(weight.shape)
+        m = scale_matrix(s_left, s_right, out_features, in_features, fused=fused).expand(out_features, in_features)
+        return rescale(weight, cls.unflatten(m, weight.shape), scaling, out=out)
 
     def effective_bias(self, bias: Tensor, dtype: torch.dtype | None = None) -> Tensor:
         b = bias if dtype is None else bias.to(dtype)
         shift = self._param("shift", dtype)
         return b if shift is None else b + shift
+
+    def row_blocks(self, original: Tensor, is_bias: bool, rows: int | None = None) -> list[tuple[int, int]]:
+        """Blocks of output rows (a conv's whole output channels), none across a chunk boundary."""
+        count = original.shape[0]
+        per_chunk = self.out_features // self.chunks // (self.out_features // count)  # tensor rows per chunk
+        if is_bias or per_chunk * self.chunks != count:
+            return super().row_blocks(original, is_bias, rows)
+        step = max(1, rows if rows is not None else FOLD_BLOCK // max(1, original[0].numel()))
+        return [(s, min(s + step, c + per_chunk)) for c in range(0, count, per_chunk) for s in range(c, c + per_chunk, step)]
+
+    def folded_rows(self, original: Tensor, is_bias: bool, start: int, stop: int) -> Tensor:
+        """Eq. 20 for a block of `row_blocks`: the block's rows of S_right with its chunk's S_left."""
+        if is_bias or (start, stop) == (0, original.shape[0]):
+            return super().folded_rows(original, is_bias, start, stop)
+        dtype = fold_dtype(original.dtype)
+        scales = self._param("s_left", dtype), self._param("s_right", dtype)
+        return self._fold_block(original, start, stop, *scales).to(original.dtype)
+
+    def _fold_block(self, original: Tensor, start: int, stop: int, left: Tensor | None, right: Tensor | None, out: Tensor | None = None) -> Tensor:
+        """W' of original[start:stop] from the whole S_left, S_right (in the compute dtype), into `out` if given."""
+        if (start, stop) != (0, original.shape[0]):  # a block inside one chunk (`row_blocks`)
+            per_row = self.out_features // original.shape[0]  # matrix rows per tensor row (a conv's k1···k(n-1))
+            chunk = start * per_row // (self.out_features // self.chunks)
+            left = None if left is None else left[chunk : chunk + 1]
+            right = None if right is None else right[start * per_row : stop * per_row]
+        return self.weight_from(original[start:stop].to(left.dtype if left is not None else right.dtype), left, right, self.scaling, out=out)
+
+    @torch.no_grad()
+    def fold_into(self, original: Tensor, is_bias: bool, rows: int | None = None) -> None:
+        """`Adapter.fold_into`; a float32 (float64) weight's blocks are computed straight into it."""
+        if is_bias or original.dtype != fold_dtype(original.dtype):
+            return super().fold_into(original, is_bias, rows)
+        scales = self._param("s_left", original.dtype), self._param("s_right", original.dtype)
+        for start, stop in self.row_blocks(original, is_bias, rows):
+            self._fold_block(original, start, stop, *scales, out=original[start:stop])
+
+    @torch.no_grad()
+    def fold_is_finite(self, original: Tensor, is_bias: bool, rows: int | None = None) -> bool:
+        """`Adapter.fold_is_finite`, most often from one read of W: the formula evaluated on magnitudes.
+
+        Each W' entry is a sum of products of entries of W, S_right and S_left with coefficients
+        +1, so `weight_from` on max |W| and each rank's max |S| bounds every |W'| and |M|. Below
+        half the largest finite value (compute and storage dtype) the fold is finite; otherwise
+        (or with NaN/Inf anywhere) the blocks are computed and looked at.
+        """
+        if not is_bias and original.numel():
+            lo, hi = torch.aminmax(original)  # NaN and Inf propagate
+            w_max = torch.maximum(-lo, hi).to(torch.float64).reshape(1, 1)
+            left, right = self._param("s_left", torch.float64), self._param("s_right", torch.float64)
+            left = None if left is None else left.abs().amax(dim=(0, 2)).reshape(1, -1, 1)  # (1, r, 1): each rank's max
+            right = None if right is None else right.abs().amax(dim=0).reshape(1, -1)  # (1, r)
+            m_max = scale_matrix(left, right, 1, 1).reshape(())
+            bound = LinearRescale.weight_from(w_max, left, right, self.scaling).reshape(())
+            limit = min(torch.finfo(original.dtype).max, torch.finfo(fold_dtype(original.dtype)).max) / 2
+            if bool(torch.isfinite(bound)) and max(bound.item(), m_max.item()) < limit:
+                return True
+        return super().fold_is_finite(original, is_bias, rows)
 
     def extra_repr(self) -> str:
         sides = self.scaling.sides + ("" if self.scaling.residual else ", no residual") + (", w/o W" if self.scaling.lowrank else "")

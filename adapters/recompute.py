@@ -2,10 +2,11 @@
 
 Through the parametrization alone, `F.linear(x, W', b')` keeps W' alive from forward to backward
 (it needs it for dX): one extra copy of every adapted weight held at the peak of the step. Here
-the forward computes W' with the adapter's own `effective_weight` (so `scale_matrix` and
-`rescale`, written once in adapters/linear.py), runs the GEMM and frees it; backward computes it
-again for dX and gets the adapter parameters' gradients by differentiating that same call with
-autograd, given dW' = dYᵀX. No derivative of the formulas is written out anywhere.
+the forward computes W' from the adapter's own formula (`LinearRescale.weight_from`, so
+`scale_matrix` and `rescale`, written once in adapters/linear.py), runs the GEMM and frees it;
+backward computes it again for dX and gets the adapter parameters' gradients from that same
+formula's vector-Jacobian product, given dW' = dYᵀX. No derivative is written out anywhere.
+How the formula is evaluated, op by op or as fused compiled loops, is `kernels` (adapters/kernels.py).
 
 This module is the math only; `rlrr` decides when a layer takes this path (rlrr/linear_forward.py).
 """
@@ -16,41 +17,58 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from adapters.base import Adapter
+from adapters.kernels import EAGER, EagerKernels, weight_gradient
+from adapters.linear import LinearRescale
 
 
 class RecomputedLinear(torch.autograd.Function):
-    """y = F.linear(x, W', b') with W' = adapter.effective_weight(W) recomputed in backward."""
+    """y = F.linear(x, W', b') with W' = adapter.effective_weight(W) recomputed in backward.
+
+    Under autocast the formula runs in W's dtype (float32) and the GEMMs in autocast's dtype, as
+    `F.linear` would run them: x, W' and b' are cast for the forward GEMM, dX and dW' come out of
+    the backward GEMMs in that dtype, and dW' meets the formula's gradient in float32.
+    """
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, adapter: Adapter, bias_adapted: bool, *params: Tensor) -> Tensor:
-        ctx.adapter, ctx.bias_adapted = adapter, bias_adapted
-        ctx.save_for_backward(x, weight, bias, *params)  # params too: autograd checks their versions
-        w = adapter.effective_weight(weight)
-        b = adapter.effective_bias(bias) if bias_adapted else bias
-        return F.linear(x, w, b)
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, adapter: LinearRescale, bias_adapted: bool,
+                kernels: EagerKernels | None, *params: Tensor) -> Tensor:
+        kernels = kernels or EAGER
+        device = x.device.type
+        amp = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        ctx.adapter, ctx.bias_adapted, ctx.kernels, ctx.amp, ctx.x_dtype = adapter, bias_adapted, kernels, amp, x.dtype
+        with torch.autocast(device, enabled=False):  # the formula in W's dtype; the casts are explicit
+            b = adapter.effective_bias(bias) if bias_adapted else bias
+            x_in = x if amp is None else x.to(amp)
+            ctx.save_for_backward(x_in, weight, bias, *params)  # params too: autograd checks their versions
+            return F.linear(x_in, kernels.weight(adapter, weight, amp), b if amp is None or b is None else b.to(amp))
 
     @staticmethod
     def backward(ctx, dy: Tensor):
         x, weight, bias, *params = ctx.saved_tensors
-        adapter = ctx.adapter
-        create = torch.is_grad_enabled()  # backward(create_graph=True): keep every step differentiable
-        wanted = [t for t in (weight, bias, *params) if t is not None and t.requires_grad]
-        with torch.enable_grad():  # the formula again, with its own small graph
-            w = adapter.effective_weight(weight)
+        with torch.autocast(dy.device.type, enabled=False):
+            return _backward(ctx, dy, x, weight, bias, params)
+
+
+def _backward(ctx, dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, params: list[Tensor]) -> tuple:
+    adapter = ctx.adapter
+    create = torch.is_grad_enabled()  # backward(create_graph=True): keep every step differentiable
+    bias_params = {id(p) for p in (adapter.rlrr_shift,) if p is not None}
+    wanted = [t for t in (weight, *params) if t.requires_grad and id(t) not in bias_params]  # what W' feeds
+    if wanted:
+        dw = weight_gradient(dy, x, reuse=not create)  # dW' = dYᵀX, (out, in)
+        w, found = ctx.kernels.weight_and_grads(adapter, weight, dw, wanted, create, ctx.amp)
+        grads = {id(t): g for t, g in zip(wanted, found)}
+    else:
+        w, grads = ctx.kernels.weight(adapter, weight, ctx.amp), {}
+    dx = (dy @ w).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
+    bias_wanted = [t for t in (bias, *params) if t is not None and t.requires_grad and (t is bias or id(t) in bias_params)]
+    if bias is not None and bias_wanted:  # (a shift without a bias to put it in is unused)
+        with torch.enable_grad():
             b = adapter.effective_bias(bias) if ctx.bias_adapted else bias
-        dx = dy @ (w if create else w.detach()) if ctx.needs_input_grad[0] else None
-        grads: dict[int, Tensor] = {}
-        if wanted:
-            dy2 = dy.reshape(-1, dy.shape[-1])  # (tokens, out)
-            outputs, seeds = [w], [dy2.t() @ x.reshape(-1, x.shape[-1])]  # dW' = dYᵀX, (out, in)
-            if b is not None and b.requires_grad:
-                outputs.append(b)
-                seeds.append(dy2.sum(0))  # db'
-            found = torch.autograd.grad(outputs, wanted, seeds, allow_unused=True, create_graph=create)
-            grads = {id(t): g for t, g in zip(wanted, found)}
-        return (dx, grads.get(id(weight)), grads.get(id(bias)) if bias is not None else None, None, None,
-                *(grads.get(id(p)) for p in params))
+        db = dy.reshape(-1, dy.shape[-1]).sum(0).to(b.dtype)  # db'
+        grads |= dict(zip(map(id, bias_wanted), torch.autograd.grad(b, bias_wanted, db, allow_unused=True, create_graph=create)))
+    return (dx, grads.get(id(weight)), grads.get(id(bias)) if bias is not None else None, None, None, None,
+            *(grads.get(id(p)) for p in params))
 
 
 __all__ = ["RecomputedLinear"]

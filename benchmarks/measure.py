@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import os
 import platform
+import re
 import resource
 import statistics
 import threading
@@ -23,8 +24,9 @@ import torch
 MiB = 2**20
 
 
-def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def device(name: str | None = None) -> torch.device:
+    """The device a worker measures on: the one named, else CUDA when there is one."""
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def sync(dev: torch.device) -> None:
@@ -37,14 +39,24 @@ def load() -> list[float]:
     return [round(v, 2) for v in os.getloadavg()]
 
 
-def _psutil():
-    import psutil  # reason: the `bench` extra; the report and the tests import this module without it
-
-    return psutil
-
-
 def rss_mib() -> float:
-    return _psutil().Process().memory_info().rss / MiB
+    """This process's resident set now (Linux: /proc/self/statm; psutil elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / MiB
+    except OSError:
+        import psutil  # reason: the `bench` extra, needed only off Linux
+
+        return psutil.Process().memory_info().rss / MiB
+
+
+def _memory_gib() -> float:
+    return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+
+
+def minor_faults() -> int:
+    """Page faults this process has taken so far: each is a fresh 4 KiB page handed out by the kernel."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def peak_rss_mib() -> float:
@@ -66,9 +78,8 @@ class RssSampler:
         return self
 
     def _run(self) -> None:
-        proc = _psutil().Process()
         while not self._stop.is_set():
-            self.peak_mib = max(self.peak_mib, proc.memory_info().rss / MiB)
+            self.peak_mib = max(self.peak_mib, rss_mib())
             time.sleep(self.period_s)
 
     def __exit__(self, *exc) -> None:
@@ -124,13 +135,49 @@ def paired_ratio(num: Sequence[float], den: Sequence[float]) -> dict[str, float]
     return {"median": statistics.median(ratios), "min": ratios[0], "max": ratios[-1], "n": len(ratios)}
 
 
-def environment() -> dict:
+def _cpu_model() -> str:
+    """The CPU's model name with its family and model numbers (a VM may show only the vendor's name)."""
+    fields: dict[str, str] = {}
+    try:
+        for line in open("/proc/cpuinfo"):
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = fields.get("model name", platform.machine())
+    detail = [f"family {fields['cpu family']} model {fields['model']}"] if "cpu family" in fields and "model" in fields else []
+    detail += ["virtual machine"] if "hypervisor" in fields.get("flags", "").split() else []
+    return name + (f" ({', '.join(detail)})" if detail else "")
+
+
+def _blas() -> str:
+    """BLAS and CPU kernels torch was built with, as `torch.__config__.show()` says."""
+    config = torch.__config__.show()
+    blas = re.search(r"BLAS_INFO=(\w+)", config)
+    mkl = re.search(r"Math Kernel Library Version ([\w.-]+)", config)
+    onednn = re.search(r"MKL-DNN v([\w.]+)", config)
+    parts = [blas.group(1) if blas else "unknown BLAS"] + ([f"MKL {mkl.group(1)}"] if mkl else []) + ([f"oneDNN {onednn.group(1)}"] if onednn else [])
+    return ", ".join(parts) + f"; CPU kernels {torch.backends.cpu.get_cpu_capability()}"
+
+
+def environment(dev: torch.device | None = None) -> dict:
+    """The machine a result belongs to: what a reader needs to know before comparing figures."""
+    dev = dev or device()
+    gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else None
     return {
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": _cpu_model(),
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
-        "device": str(device()) + (f" ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else ""),
-        "memory_gib": round(_psutil().virtual_memory().total / 2**30, 1),
+        "blas": _blas(),
+        "device": str(dev) + (f" ({gpu}, CUDA {torch.version.cuda})" if gpu else ""),
+        "memory_gib": _memory_gib(),
+        "kernel": platform.release(),
     }
+
+
+def machine_line(env: dict) -> str:
+    """One line that names the machine, printed before and with every result."""
+    return (f"{env['cpu']}, {env['cores']} cores, {env['memory_gib']} GiB; {env['device']}; torch {env['torch']} "
+            f"({env.get('blas', 'BLAS not recorded')}); Python {env['python']}; {env['threads']} threads")

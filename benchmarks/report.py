@@ -14,10 +14,12 @@ from benchmarks import measure as M
 
 NAMES = {
     "full": "full fine-tuning",
+    "full_fwd_bwd": "floor: full fine-tuning, forward + backward only",
     "linear_probe": "linear probing",
     "rlrr": "RLRR (ours, r=1, paper placement)",
     "lora_r8": "PEFT LoRA r=8 (qkv/proj/fc1/fc2)",
     "ssf": "SSF (official form, on activations)",
+    "rlrr_eager": "ablation: RLRR, formula op by op (eager kernels)",
     "rlrr_linears": "ablation: RLRR on LoRA's linears only",
     "rlrr_parametrize": "ablation: RLRR, parametrize path (no recompute Function)",
     "dense_floor": "yardstick: frozen model, backward dX only",
@@ -53,12 +55,14 @@ def analyse(doc: dict) -> dict:
         v = t["variants"]
         rows = {}
         for name, r in v.items():
-            rows[name] = {"median_s": r["median_s"], "median_cpu_s": r["median_cpu_s"], "phases_s": r["phases_s"], "trainable_params": r["trainable_params"]}
-            for ref in ("lora_r8", "full"):
+            rows[name] = {"median_s": r["median_s"], "median_cpu_s": r["median_cpu_s"], "phases_s": r["phases_s"], "trainable_params": r["trainable_params"],
+                          "faults_per_step": r.get("faults_per_step")}
+            for ref in ("lora_r8", "full", "full_fwd_bwd"):
                 if ref in v:
                     rows[name][f"x_{ref}"] = M.paired_ratio(r["wall"], v[ref]["wall"])
                     rows[name][f"x_{ref}_cpu"] = M.paired_ratio(r["cpu"], v[ref]["cpu"])
-        out["training"][t["model"]] = {"rows": rows, "load": _load(t), "rounds": t["rounds"]}
+        out["training"][t["model"]] = {"rows": rows, "load": _load(t), "rounds": t["rounds"], "warmup": t["warmup"], "batch": t.get("batch", 8),
+                                       "amp": t.get("amp"), "device": t.get("device", "cpu")}
     for t in _tasks(doc, "train_memory"):
         row = {k: t[k] for k in ("peak_rss_mib", "growth_mib", "rss_built_mib", "saved_mib") if k in t} | {"load": _load(t)}
         if "cuda_peak_mib" in t:  # on a GPU the peak that matters is the device's
@@ -88,15 +92,19 @@ def analyse(doc: dict) -> dict:
         bounds = {}
         if "dense_floor" in rows and floor and "lora_r8" in rows:  # RLRR ≥ dX-only backward + the dW GEMMs
             bounds["lora_r8"] = (rows["dense_floor"]["median_s"] + floor["with_dw_s"] - floor["dense_s"]) / rows["lora_r8"]["median_s"]
-        if "full" in rows:  # RLRR ≥ full fine-tuning's forward + backward (same GEMMs), i.e. minus its optimizer step
+        if "x_full" in rows.get("full_fwd_bwd", {}):  # RLRR ≥ full fine-tuning's forward + backward (same GEMMs): measured, paired
+            bounds["full"] = rows["full_fwd_bwd"]["x_full"]["median"]
+        elif "full" in rows:  # older results: full fine-tuning's own phases
             ph = rows["full"]["phases_s"]
             bounds["full"] = (ph["forward"] + ph["backward"]) / sum(ph.values())
         tr["bounds"] = bounds
-        for ref, label, high in (("lora_r8", "PEFT LoRA r=8", 1.05), ("full", "full fine-tuning", 0.95)):
+        for ref, label, high in (("full_fwd_bwd", "full FT forward + backward (the floor)", 1.06), ("full", "full fine-tuning", 0.99),
+                                 ("lora_r8", "PEFT LoRA r=8", 1.05)):
             if r and f"x_{ref}" in r:
                 bound = f"; lower bound by arithmetic {bounds[ref]:.3f}" if ref in bounds else ""
+                stretch = "; stretch ≤ 1.03" if ref == "full_fwd_bwd" else ""
                 target(f"{name} training step, RLRR / {label}", r[f"x_{ref}"]["median"], None, high,
-                       _ratio(r[f"x_{ref}"]) + f"; CPU time {r[f'x_{ref}_cpu']['median']:.3f}" + bound)
+                       _ratio(r[f"x_{ref}"]) + f"; CPU time {r[f'x_{ref}_cpu']['median']:.3f}" + bound + stretch)
     for model, mem in out["memory"].items():
         if "rlrr" in mem and "lora_r8" in mem:
             name = MODEL_NAMES.get(model, model)
@@ -114,22 +122,31 @@ def analyse(doc: dict) -> dict:
                 target(f"{name} {label} latency, folded / base", rows["rlrr_folded"]["x_base"]["median"], 0.97, 1.03, _ratio(rows["rlrr_folded"]["x_base"]))
     for model, big in out["big"].items():
         name = MODEL_NAMES.get(model, model)
-        if "apply_fold_s" in big:
+        if "apply_fold_copies" in big:
+            target(f"{name} apply + fold, in copies of every parameter", big["apply_fold_copies"], None, 6,
+                   f"apply {big['apply_s']:.2f} s + fold {big['fold_s']:.2f} s; one copy {min(big['copy_s']):.3f} s (fastest of {len(big['copy_s'])}, same process)")
+        elif "apply_fold_s" in big:
             target(f"{name} apply + fold time (s)", big["apply_fold_s"], None, 20, f"apply {big['apply_s']:.1f} s + fold {big['fold_s']:.1f} s")
-            target(f"{name} apply/fold peak RSS / fp32 model size", big["apply_fold_peak_over_fp32"], None, 2.5,
+        if "apply_fold_peak_over_fp32" in big:
+            target(f"{name} apply/fold peak RSS / fp32 model size", big["apply_fold_peak_over_fp32"], None, 1.5,
                    f"peak {max(big['apply_peak_rss_mib'], big['fold_peak_rss_mib']):.0f} MiB, model {big['fp32_mib']:.0f} MiB fp32 (process incl. build: {big['process_peak_rss_mib']:.0f} MiB)")
     return out
 
 
 def markdown(doc: dict, a: dict) -> str:
     env = doc["environment"]
+    kernels = doc.get("kernels", "inductor")
     lines = [
         "# RLRR benchmark",
         "",
-        f"`{doc['command']}`, {doc['started']} → {doc['finished']}; torch {env['torch']}, {env['device']}, "
-        f"{env['threads']} threads on {env['cores']} cores, {env['memory_gib']} GiB. Batch 8, 224², fp32, AdamW; random weights.",
-        "Times are medians over interleaved rounds after warm-up; ratios are the median [min–max] of per-round ratios "
-        "(each round runs every variant once, under the same load). `load` is the 1-minute load average before→after each task.",
+        f"`{doc['command']}`, {doc['started']} → {doc['finished']}.",
+        "",
+        f"Machine: {M.machine_line(env)}.",
+        "",
+        "Random weights, AdamW, 224² unless said. Each training variant runs in one process and the variants are stepped in turn, "
+        "one step each per round, after warm-up rounds; a ratio is taken within each round (the same load) and reported as the "
+        "median [min–max] over rounds. `load` is the 1-minute load average before→after each task. RLRR's training kernels: "
+        + (f"`torch.compile` ({kernels}), compiled during warm-up." if kernels else "eager ops."),
         "",
         "## Targets",
         "",
@@ -141,16 +158,17 @@ def markdown(doc: dict, a: dict) -> str:
         lines.append(f"| {t['target']} | {t['measured']:.3f} | {t['bound']} | {met} | {t['detail']} |")
     for model, tr in a["training"].items():
         mem = a["memory"].get(model, {})
-        lines += ["", f"## Training step, {MODEL_NAMES.get(model, model)} (load {tr['load']}, {tr['rounds']} rounds)", "",
-                  "| variant | trainable | step s | CPU s | × LoRA | × full FT | fwd / bwd / opt s | peak RSS MiB | growth MiB | saved for bwd MiB | mem load |",
-                  "|---|---:|---:|---:|---|---|---|---:|---:|---:|---|"]
+        setup = f"{tr['device']}, batch {tr['batch']}, {tr['amp'] + ' autocast' if tr['amp'] else 'fp32'}"
+        lines += ["", f"## Training step, {MODEL_NAMES.get(model, model)} ({setup}; load {tr['load']}, {tr['rounds']} rounds after {tr['warmup']} warm-up)", "",
+                  "| variant | trainable | step s | CPU s | × floor | × LoRA | × full FT | fwd / bwd / opt s | page faults / step | peak mem MiB | growth MiB | saved for bwd MiB | mem load |",
+                  "|---|---:|---:|---:|---|---|---|---|---:|---:|---:|---:|---|"]
         for name, r in tr["rows"].items():
             m = mem.get(name, {})
             ph = r["phases_s"]
+            ratios = " | ".join(_ratio(r[k]) if k in r else "" for k in ("x_full_fwd_bwd", "x_lora_r8", "x_full"))
             lines.append(
-                f"| {NAMES.get(name, name)} | {r['trainable_params']:,} | {r['median_s']:.3f} | {r['median_cpu_s']:.2f} | "
-                f"{_ratio(r['x_lora_r8']) if 'x_lora_r8' in r else ''} | {_ratio(r['x_full']) if 'x_full' in r else ''} | "
-                f"{ph['forward']:.2f} / {ph['backward']:.2f} / {ph['optimizer']:.3f} | "
+                f"| {NAMES.get(name, name)} | {r['trainable_params']:,} | {r['median_s']:.3f} | {r['median_cpu_s']:.2f} | {ratios} | "
+                f"{ph['forward']:.2f} / {ph['backward']:.2f} / {ph['optimizer']:.3f} | {_num(r.get('faults_per_step'))} | "
                 f"{_num(m.get('peak_rss_mib'))} | {_num(m.get('growth_mib'))} | {_num(m.get('saved_mib'))} | {m.get('load', '')} |")
         floor = a["gemm_floor"].get(model)
         if floor:
@@ -176,9 +194,14 @@ def markdown(doc: dict, a: dict) -> str:
                 f"| `rlrr.apply` (paper placement) | {big['apply_s']:.2f} | {big['apply_peak_rss_mib']:.0f} | load {_load(big)} |",
                 f"| `export.fold` | {big['fold_s']:.2f} | {big['fold_peak_rss_mib']:.0f} | |",
             ]
+            if "copy_s" in big:
+                lines.append(f"| yardstick: one copy of every parameter into buffers allocated beforehand | {min(big['copy_s']):.3f} | | "
+                             f"fastest of {', '.join(f'{c:.3f}' for c in big['copy_s'])} s; apply + fold = {big['apply_fold_copies']:.1f} copies |")
         if "export_s" in big:
             lines.append(f"| ONNX export of the folded model (dynamo, external data, batch 1) | {big['export_s']:.1f} | {big['export_peak_rss_mib']:.0f} | "
                          f"{big['export_files_mib']:.0f} MiB written; RSS before {big['export_rss_before_mib']:.0f} MiB (model + imports); load {big['export_load_before'][0]:.1f} |")
+    if doc.get("skipped"):
+        lines += ["", "Skipped: " + ", ".join(doc["skipped"]) + "."]
     failed = [t for t in doc["tasks"] if not t.get("ok")]
     if failed:
         lines += ["", "## Failed tasks", ""] + [f"- {t['spec']}: {t.get('error')}" for t in failed]
@@ -200,17 +223,22 @@ def chart(a: dict, path: Path) -> None:
     width = 0.8 / max(len(models), 1)
 
     ax = axes[0, 0]
-    variants = [v for v in NAMES if any(v in a["training"][m]["rows"] for m in models) and v != "linear_probe"]
+    ref = "x_full_fwd_bwd" if all("x_full_fwd_bwd" in a["training"][m]["rows"].get("rlrr", {}) for m in models) else "x_lora_r8"
+    variants = [v for v in NAMES if any(ref in a["training"][m]["rows"].get(v, {}) for m in models) and v != "linear_probe"]
     for i, m in enumerate(models):
         rows = a["training"][m]["rows"]
-        idx = [j for j, v in enumerate(variants) if v in rows]
-        r = [rows[variants[j]]["x_lora_r8"] for j in idx]
+        idx = [j for j, v in enumerate(variants) if ref in rows.get(v, {})]
+        r = [rows[variants[j]][ref] for j in idx]
         ax.bar([j + i * width for j in idx], [x["median"] for x in r], width, capsize=3, label=MODEL_NAMES.get(m, m),
                yerr=[[x["median"] - x["min"] for x in r], [x["max"] - x["median"] for x in r]])
-    ax.axhline(1.05, color="k", ls="--", lw=1, label="target: 1.05× LoRA")
+    if ref == "x_full_fwd_bwd":
+        ax.axhline(1.06, color="k", ls="--", lw=1, label="target for RLRR: 1.06× the floor")
+        ax.set_ylabel("step time / full FT forward + backward (per-round ratio: median, min–max)")
+    else:
+        ax.axhline(1.05, color="k", ls="--", lw=1, label="target: 1.05× LoRA")
+        ax.set_ylabel("step time / PEFT LoRA r=8 (per-round ratio: median, min–max)")
     ax.set_xticks([j + width * (len(models) - 1) / 2 for j in range(len(variants))], [_short(v) for v in variants], rotation=25, ha="right", fontsize=8)
-    ax.set_ylabel("step time / PEFT LoRA r=8 (per-round ratio: median, min–max)")
-    ax.set_title("Training step (batch 8, 224², AdamW)")
+    ax.set_title("Training step (AdamW)")
     ax.legend(fontsize=8)
 
     ax = axes[0, 1]
@@ -239,11 +267,13 @@ def chart(a: dict, path: Path) -> None:
     ax.axvline(1.05, color="k", ls="--", lw=1)
     ax.set_yticks(range(len(vals)), labels, fontsize=8)
     ax.set_xlabel("latency / base model (per-round ratio: median, min–max); dashed: 1.05")
-    ax.set_title("Inference latency (batch 8)")
+    ax.set_title("Inference latency")
 
     ax = axes[1, 1]
     for m, big in a["big"].items():
         steps = [(k, big[f"{k}_s"], big.get(f"{k}_peak_rss_mib")) for k in ("apply", "fold", "export") if f"{k}_s" in big]
+        if "copy_s" in big:  # the yardstick: one copy of every parameter
+            steps.insert(2, ("one copy\n(yardstick)", min(big["copy_s"]), None))
         ax.bar([k for k, _, _ in steps], [t for _, t, _ in steps], color="tab:purple")
         for i, (_, t, peak) in enumerate(steps):
             note = f"{t:.1f} s" + (f"\npeak RSS {peak / big['fp32_mib']:.2f}× fp32 size" if peak and "fp32_mib" in big else "")
@@ -262,11 +292,39 @@ def write_reports(doc: dict, out: Path) -> dict[str, str]:
     paths = {"json": out / "benchmark.json", "md": out / "benchmark.md", "png": out / "benchmark.png"}
     paths["json"].write_text(json.dumps(doc, indent=1))
     paths["md"].write_text(markdown(doc, a))
-    chart(a, paths["png"])
+    try:
+        chart(a, paths["png"])
+    except ImportError:  # matplotlib is the `bench` extra: no chart without it
+        del paths["png"]
     return {k: str(v) for k, v in paths.items()}
 
 
+def _timing_ratios(doc: dict) -> dict[tuple[str, str], dict]:
+    """(model, row) -> the paired ratio of RLRR's step to each reference, from the raw rounds."""
+    out = {}
+    for model, tr in analyse(doc)["training"].items():
+        r = tr["rows"].get("rlrr", {})
+        for ref in ("full_fwd_bwd", "full", "lora_r8"):
+            if f"x_{ref}" in r:
+                out[(model, ref)] = r[f"x_{ref}"]
+    return out
+
+
+def compare(first: dict, second: dict) -> str:
+    """Two runs' RLRR step ratios side by side, and whether each median lies in the other's [min–max]."""
+    a, b = _timing_ratios(first), _timing_ratios(second)
+    lines = ["| model | RLRR / | run 1 | run 2 | each median inside the other's range |", "|---|---|---|---|---|"]
+    for key in [k for k in a if k in b]:
+        x, y = a[key], b[key]
+        inside = x["min"] <= y["median"] <= x["max"] and y["min"] <= x["median"] <= y["max"]
+        lines.append(f"| {MODEL_NAMES.get(key[0], key[0])} | {NAMES[key[1]].split(':')[0].split(' (')[0]} | {_ratio(x)} | {_ratio(y)} | {'yes' if inside else '**no**'} |")
+    return "\n".join(lines) + "\n"
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "--compare":  # python -m benchmarks.report --compare RUN1.json RUN2.json
+        print(compare(*(json.loads(Path(f).read_text()) for f in sys.argv[2:4])), end="")
+        sys.exit(0)
     source = Path(sys.argv[1])
     doc = json.loads(source.read_text())
     doc.pop("analysis", None)

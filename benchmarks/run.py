@@ -2,14 +2,16 @@
 
 Runs every measurement in its own worker process (benchmarks/worker.py), then writes
 `results/benchmark.json`, `results/benchmark.md` and `results/benchmark.png` (benchmarks/report.py).
-The default run (ViT-S/16, ViT-B/16, ViT-H/14 apply/fold/ONNX) takes about 25 minutes on 2
-cores, half as long again under load; `--quick` (ViT-S/16 only, fewer rounds) about 6.
+The default run (ViT-S/16, ViT-B/16, ViT-H/14 apply/fold/ONNX) takes about 45 minutes on 2
+cores; `--quick` (ViT-S/16 only) about 12. `--tasks` and `--append` take one run in parts.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -17,25 +19,49 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import torch
+
 from benchmarks import measure as M
 from benchmarks.report import write_reports
 
 RESULTS = Path(__file__).parent / "results"
-MAIN = ["full", "linear_probe", "rlrr", "lora_r8", "ssf"]
+MAIN = ["full", "full_fwd_bwd", "linear_probe", "rlrr", "rlrr_eager", "lora_r8", "ssf"]
 ABLATIONS = ["rlrr_linears", "rlrr_parametrize"]  # like-for-like placement; without the recompute Function
+SMALL = "vit_s16"
+NO_MEMORY = {"full_fwd_bwd", "rlrr_eager"}  # same model and memory as "full" / "rlrr" (bar the optimizer state / compiled code)
+#: What a missing optional package removes from a run (said in the report).
+NEEDS = {"lora_r8": "peft", "onnx": "onnxruntime"}
+
+
+def missing(name: str) -> str | None:
+    """The optional package a variant or task needs and this environment lacks, if any."""
+    package = NEEDS.get(name)
+    return package if package and importlib.util.find_spec(package) is None else None
 
 
 def plan(args: argparse.Namespace) -> list[dict]:
     """The task specs, in the order they run."""
+    tasks = gpu_plan(args) if args.device == "cuda" or args.smoke else cpu_plan(args)
+    out = []
+    for spec in tasks:
+        if missing(spec["task"]) or missing(spec.get("variant", "")) or (args.tasks and spec["task"] not in args.tasks):
+            continue
+        if "variants" in spec:
+            spec = {**spec, "variants": [v for v in spec["variants"] if not missing(v)]}
+        out.append(spec)
+    return out
+
+
+def cpu_plan(args: argparse.Namespace) -> list[dict]:
+    """The default run: ViT-S/16 and ViT-B/16 at batch 8 on CPU, then ViT-H/14's apply and fold."""
     quick = args.quick
     models = ["vit_s16"] if quick else args.models
     tasks: list[dict] = []
-    for i, model in enumerate(models):
-        small = i == 0
+    for model in models:
+        small = model == SMALL  # the ablations and the longer inference series: on ViT-S/16 only, whatever part of a run this is
         variants = MAIN + (ABLATIONS if small else [])
-        rounds = 4 if quick else 6
-        tasks.append({"task": "train_timing", "model": model, "variants": variants + ["dense_floor"], "rounds": rounds, "warmup": 1})
-        tasks += [{"task": "train_memory", "model": model, "variant": v, "steps": 2} for v in variants]
+        tasks.append({"task": "train_timing", "model": model, "variants": variants + ["dense_floor"], "rounds": 10, "warmup": 2})
+        tasks += [{"task": "train_memory", "model": model, "variant": v, "steps": 2} for v in variants if v not in NO_MEMORY]
         tasks.append({"task": "gemm_floor", "model": model, "rounds": 3, "warmup": 1})
         # one call varies by ±10 % here even when idle: ratios need a few dozen rounds to settle within ±3 %
         tasks.append({"task": "inference", "model": model, "rounds": 12 if quick else (24 if small else 14), "warmup": 2})
@@ -47,6 +73,19 @@ def plan(args: argparse.Namespace) -> list[dict]:
     return tasks
 
 
+def gpu_plan(args: argparse.Namespace) -> list[dict]:
+    """`--device cuda`: ViT-B/16, batch 64, bf16 autocast, in about 5 minutes; `--smoke`: the same tasks at CI size on any device."""
+    smoke = args.smoke
+    model, batch, amp = ("vit_t16_32", 2, "bfloat16") if smoke else ("vit_b16", 64, "bfloat16")
+    rounds = 2 if smoke else 10
+    setup = {"device": args.device, "batch": batch, "amp": amp}
+    tasks = [{"task": "train_timing", "model": model, "variants": MAIN + ABLATIONS, "rounds": rounds, "warmup": 1 if smoke else 3, **setup}]
+    tasks += [{"task": "train_memory", "model": model, "variant": v, "steps": 1 if smoke else 3, **setup} for v in ("full", "rlrr", "lora_r8")]
+    tasks.append({"task": "inference", "model": model, "rounds": rounds if smoke else 20, "warmup": 1 if smoke else 3, **setup})
+    tasks.append({"task": "onnx", "model": model, "rounds": rounds if smoke else 20, "warmup": 1 if smoke else 3, "batch": batch})
+    return tasks
+
+
 def wait_quiet(below: float, limit_s: float) -> float:
     """Sleep until the 1-minute load average drops below `below` (the machine is shared); seconds waited."""
     t = time.perf_counter()
@@ -55,11 +94,16 @@ def wait_quiet(below: float, limit_s: float) -> float:
     return time.perf_counter() - t
 
 
-def run_task(spec: dict, threads: int, timeout: float) -> dict:
+def run_task(spec: dict, threads: int, timeout: float, kernels: str | None, in_process: bool = False) -> dict:
+    kwargs = {k: v for k, v in spec.items() if k != "waited_s"} | {"threads": threads, "kernels": kernels}
+    if in_process:  # a functional check: memory figures then belong to the whole run
+        from benchmarks.worker import run
+
+        t = time.perf_counter()
+        return {"spec": spec, **run(kwargs), "wall_s": time.perf_counter() - t}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        kwargs = {k: v for k, v in spec.items() if k != "waited_s"}
-        cmd = [sys.executable, "-m", "benchmarks.worker", json.dumps({**kwargs, "threads": threads}), str(out)]
+        cmd = [sys.executable, "-m", "benchmarks.worker", json.dumps(kwargs), str(out)]
         t = time.perf_counter()
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=Path(__file__).parent.parent)
@@ -69,22 +113,58 @@ def run_task(spec: dict, threads: int, timeout: float) -> dict:
     return {"spec": spec, "wall_s": time.perf_counter() - t, **result}
 
 
-def main(argv: list[str] | None = None) -> int:
+def _key(result: dict) -> tuple:
+    spec = result["spec"]
+    return spec["task"], spec.get("model"), spec.get("variant")
+
+
+def merge(old: dict, new: dict) -> dict:
+    """One run made of parts (`--append`): every part's command and time span, the newest result of each task."""
+    old.pop("analysis", None)
+    if old["environment"] != new["environment"] or old.get("kernels") != new.get("kernels"):
+        raise SystemExit("--append: the results in --out come from another machine or setting; use another --out")
+    done = {_key(r) for r in new["tasks"]}
+    return {**new, "command": f"{old['command']}; {new['command']}", "started": old["started"],
+            "skipped": sorted(set(old["skipped"]) | set(new["skipped"])), "tasks": [r for r in old["tasks"] if _key(r) not in done] + new["tasks"]}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="ViT-S/16 only, fewer rounds (about 6 minutes)")
-    p.add_argument("--models", type=lambda s: s.split(","), default=["vit_s16", "vit_b16"], help="comma-separated: vit_s16,vit_b16")
+    p.add_argument("--quick", action="store_true", help="ViT-S/16 only, fewer inference rounds (about 8 minutes)")
+    p.add_argument("--models", type=lambda s: [m for m in s.split(",") if m], default=["vit_s16", "vit_b16"], help="comma-separated: vit_s16,vit_b16")
     p.add_argument("--big", default="vit_h14", help="model for the apply/fold/ONNX-export rows ('' to skip)")
     p.add_argument("--skip-big-onnx", action="store_true", help="skip the big model's ONNX export (minutes, GBs)")
-    p.add_argument("--threads", type=int, default=2, help="torch and onnxruntime threads per worker")
-    p.add_argument("--out", type=Path, default=RESULTS, help="folder for benchmark.{json,md,png}")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cuda: ViT-B/16 at batch 64 under bf16 autocast, training and latency, about 5 minutes")
+    p.add_argument("--smoke", action="store_true", help="the --device run's tasks at CI size (ViT-Ti at 32², batch 2, 2 rounds)")
+    p.add_argument("--kernels", default="inductor", help="torch.compile backend for RLRR's training kernels ('none': eager ops)")
+    p.add_argument("--threads", type=int, default=None, help="torch and onnxruntime threads per worker (default: 2 on CPU, all on cuda)")
+    p.add_argument("--out", type=Path, default=None, help="folder for benchmark.{json,md,png} (default: benchmarks/results, or results/<device> for --device cuda)")
+    p.add_argument("--tasks", type=lambda s: s.split(","), default=None,
+                   help="comma-separated task names to run (train_timing,train_memory,gemm_floor,inference,onnx,big_apply_fold,big_onnx)")
+    p.add_argument("--append", action="store_true",
+                   help="add to the results already in --out (a task run again replaces its earlier result): one run in parts")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per worker process")
+    p.add_argument("--in-process", action="store_true", help="run the tasks in this process (a quick functional check; memory figures are then the run's)")
     p.add_argument("--quiet-load", type=float, default=None, help="before each task, wait until the 1-minute load average is below this")
     p.add_argument("--quiet-wait", type=float, default=300, help="give up waiting for --quiet-load after this many seconds")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("python -m benchmarks --device cuda: no CUDA device here", file=sys.stderr)
+        return 2
+    threads = args.threads or (2 if args.device == "cpu" else os.cpu_count())
+    kernels = None if args.kernels == "none" else args.kernels
+    out = args.out or (RESULTS if args.device == "cpu" else RESULTS / args.device)
 
     tasks = plan(args)
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     command = "python -m benchmarks " + " ".join(argv if argv is not None else sys.argv[1:])
+    environment = M.environment(torch.device(args.device)) | {"threads": threads}
+    print(f"machine: {M.machine_line(environment)}", file=sys.stderr, flush=True)
     results = []
     for i, spec in enumerate(tasks, 1):
         label = " ".join(f"{v}" for k, v in spec.items() if k in ("task", "model", "variant"))
@@ -92,14 +172,17 @@ def main(argv: list[str] | None = None) -> int:
             waited = wait_quiet(args.quiet_load, args.quiet_wait)
             spec = {**spec, "waited_s": round(waited)} if waited else spec
         print(f"[{i}/{len(tasks)}] {label} (load {M.load()[0]})", file=sys.stderr, flush=True)
-        result = run_task(spec, args.threads, args.timeout)
+        result = run_task(spec, threads, args.timeout, kernels, args.in_process)
         if not result.get("ok"):
             print(f"    failed: {result.get('error')}", file=sys.stderr, flush=True)
         results.append(result)
+    skipped = sorted({f"{n} ({missing(n)} not installed)" for n in [*MAIN, *NEEDS] if missing(n)})
     doc = {"command": command.strip(), "started": started, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-           "environment": M.environment() | {"threads": args.threads}, "tasks": results}
-    args.out.mkdir(parents=True, exist_ok=True)
-    paths = write_reports(doc, args.out)
+           "environment": environment, "kernels": kernels, "skipped": skipped, "tasks": results}
+    out.mkdir(parents=True, exist_ok=True)
+    if args.append and (out / "benchmark.json").exists():
+        doc = merge(json.loads((out / "benchmark.json").read_text()), doc)
+    paths = write_reports(doc, out)
     print(Path(paths["md"]).read_text())
     print("wrote " + ", ".join(str(v) for v in paths.values()), file=sys.stderr)
     return 0 if all(r.get("ok") for r in results) else 1

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import tempfile
 import time
@@ -27,48 +28,71 @@ BATCH = 8
 IMG = 224
 
 
-def _data(dev: torch.device, batch: int = BATCH) -> tuple[torch.Tensor, torch.Tensor]:
+def _data(dev: torch.device, batch: int = BATCH, model: str = "") -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, 3, IMG, IMG, generator=g)
+    size = V.IMAGE_SIZE.get(model, IMG)
+    x = torch.randn(batch, 3, size, size, generator=g)
     y = torch.randint(0, V.NUM_CLASSES, (batch,), generator=g)
     return x.to(dev), y.to(dev)
 
 
-class Trainer:
-    """One training step (forward, backward, AdamW step) of one variant, timed by phase."""
+def _autocast(dev: torch.device, amp: str | None):
+    """bf16/fp16 autocast on `dev` when `amp` names a dtype, else nothing."""
+    return torch.autocast(dev.type, dtype=getattr(torch, amp)) if amp else contextlib.nullcontext()
 
-    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, dev: torch.device) -> None:
-        self.model, self.x, self.y, self.dev = model.train(), x, y, dev
-        self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+class Trainer:
+    """One training step (forward, backward, AdamW step) of one variant, timed by phase.
+
+    Without an optimizer (the floor, full fine-tuning's forward + backward) the gradients are
+    dropped as `zero_grad(set_to_none=True)` would. Page faults are counted per step: on CPU a
+    freshly allocated tensor of a few MiB is fresh pages from the kernel, one fault per 4 KiB.
+    """
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, dev: torch.device, optimizer: bool = True, amp: str | None = None) -> None:
+        self.model, self.x, self.y, self.dev, self.amp = model.train(), x, y, dev, amp
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=1e-4) if optimizer else None
         self.phases: dict[str, list[float]] = {"forward": [], "backward": [], "optimizer": []}
+        self.faults: list[int] = []
 
     def step(self) -> None:
+        faults = M.minor_faults()
         t0 = time.perf_counter()
-        loss = F.cross_entropy(self.model(self.x), self.y)
+        with _autocast(self.dev, self.amp):
+            loss = F.cross_entropy(self.model(self.x), self.y)
         M.sync(self.dev)
         t1 = time.perf_counter()
         loss.backward()
         M.sync(self.dev)
         t2 = time.perf_counter()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+        if self.opt is not None:
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+        else:
+            for p in self.params:
+                p.grad = None
         M.sync(self.dev)
         t3 = time.perf_counter()
+        self.faults.append(M.minor_faults() - faults)
         for name, dt in zip(self.phases, (t1 - t0, t2 - t1, t3 - t2)):
             self.phases[name].append(dt)
 
 
-def _build_variant(model: str, variant: str, dev: torch.device) -> nn.Module:
-    return V.TRAIN_VARIANTS[variant](V.build(model).to(dev))
+def _trainer(model: str, variant: str, dev: torch.device, batch: int, amp: str | None) -> Trainer:
+    x, y = _data(dev, batch, model)
+    net = V.TRAIN_VARIANTS[variant](V.build(model).to(dev))
+    return Trainer(net, x, y, dev, optimizer=variant not in V.NO_OPTIMIZER, amp=amp)
 
 
-def train_timing(model: str, variants: list[str], rounds: int, warmup: int) -> dict:
-    dev = M.device()
-    x, y = _data(dev)
-    trainers = {v: Trainer(_build_variant(model, v, dev), x, y, dev) for v in variants}
+def train_timing(model: str, variants: list[str], rounds: int, warmup: int, device: str | None = None, batch: int = BATCH,
+                 amp: str | None = None) -> dict:
+    dev = M.device(device)
+    trainers = {v: _trainer(model, v, dev, batch, amp) for v in variants}
     load_before = M.load()
     times = M.interleaved({v: t.step for v, t in trainers.items()}, rounds, warmup, dev)
-    out = {"model": model, "device": str(dev), "rounds": rounds, "warmup": warmup, "load_before": load_before, "load_after": M.load(), "variants": {}}
+    out = {"model": model, "device": str(dev), "batch": batch, "amp": amp, "rounds": rounds, "warmup": warmup, "load_before": load_before,
+           "load_after": M.load(), "variants": {}}
     for v, t in trainers.items():
         phases = {k: M.median(vals[warmup:]) for k, vals in t.phases.items()}
         out["variants"][v] = {
@@ -78,15 +102,15 @@ def train_timing(model: str, variants: list[str], rounds: int, warmup: int) -> d
             "median_s": M.median(times[v]["wall"]),
             "median_cpu_s": M.median(times[v]["cpu"]),
             "phases_s": phases,
+            "faults_per_step": M.median(t.faults[warmup:]),
         }
     return out
 
 
-def train_memory(model: str, variant: str, steps: int) -> dict:
-    dev = M.device()
-    x, y = _data(dev)
+def train_memory(model: str, variant: str, steps: int, device: str | None = None, batch: int = BATCH, amp: str | None = None) -> dict:
+    dev = M.device(device)
     rss_start = M.rss_mib()
-    trainer = Trainer(_build_variant(model, variant, dev), x, y, dev)  # PEFT's import counts here, for LoRA
+    trainer = _trainer(model, variant, dev, batch, amp)  # PEFT's import counts here, for LoRA
     rss_built = M.rss_mib()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -120,20 +144,20 @@ def saved_for_backward(trainer: Trainer) -> int:
             seen[storage.data_ptr()] = storage.nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _autocast(trainer.dev, trainer.amp):
         loss = F.cross_entropy(model(trainer.x), trainer.y)
     del loss
     return sum(seen.values())
 
 
-def gemm_floor(model: str, rounds: int, warmup: int) -> dict:
+def gemm_floor(model: str, rounds: int, warmup: int, device: str | None = None) -> dict:
     """The adapted linears' GEMMs of one step at the model's real shapes, alone.
 
     "dense" is forward + dX (what LoRA's frozen base layers cost), "with_dw" adds the
     weight-gradient GEMM dYᵀX that full fine-tuning and RLRR both need (the adapter parameters'
     gradient reads dW' elementwise: see docs/performance.md).
     """
-    dev = M.device()
+    dev = M.device(device)
     base = V.build(model).to(dev)
     layers = [m for n, m in base.named_modules() if isinstance(m, nn.Linear) and n.split(".")[-1] in ("qkv", "proj", "fc1", "fc2")]
     tokens = BATCH * (base.patch_embed.num_patches + 1)
@@ -156,7 +180,7 @@ def _inference_models(model: str, dev: torch.device) -> dict[str, nn.Module]:
     from export import fold
 
     base = V.build(model).to(dev).eval()
-    unmerged = V.rlrr_paper(copy.deepcopy(base)).eval()
+    unmerged = V.rlrr_eager(copy.deepcopy(base)).eval()
     with torch.no_grad():  # random, non-trivial adapters: the paper's init plus non-zero shifts
         for a in rlrr.adapters_of(unmerged):
             for n, p in a.named_parameters():
@@ -167,27 +191,42 @@ def _inference_models(model: str, dev: torch.device) -> dict[str, nn.Module]:
     return {"base": base, "rlrr_unmerged": unmerged, "rlrr_unmerged_recomputed": recomputing, "rlrr_folded": folded}
 
 
-def inference(model: str, rounds: int, warmup: int) -> dict:
-    dev = M.device()
-    x, _ = _data(dev)
+def _no_tf32():
+    """TF32 off for a correctness check on CUDA (its 10-bit mantissa would be the error measured)."""
+    if not torch.cuda.is_available():
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    stack.callback(lambda: (setattr(torch.backends.cuda.matmul, "allow_tf32", old[0]), setattr(torch.backends.cudnn, "allow_tf32", old[1])))
+    return stack
+
+
+def inference(model: str, rounds: int, warmup: int, device: str | None = None, batch: int = BATCH, amp: str | None = None) -> dict:
+    dev = M.device(device)
+    x, _ = _data(dev, batch, model)
     models = _inference_models(model, dev)
     with torch.no_grad():
-        ref = models["rlrr_unmerged"](x)
-        err = (models["rlrr_folded"](x) - ref).abs().max().item() / ref.abs().max().item()
+        with _no_tf32():  # float32, no autocast: the fold's own error
+            ref = models["rlrr_unmerged"](x)
+            err = (models["rlrr_folded"](x) - ref).abs().max().item() / ref.abs().max().item()
         load_before = M.load()
-        times = M.interleaved({k: (lambda m=m: m(x)) for k, m in models.items()}, rounds, warmup, dev)
-    return {"model": model, "device": str(dev), "rounds": rounds, "load_before": load_before, "load_after": M.load(),
+        with _autocast(dev, amp):
+            times = M.interleaved({k: (lambda m=m: m(x)) for k, m in models.items()}, rounds, warmup, dev)
+    return {"model": model, "device": str(dev), "batch": batch, "amp": amp, "rounds": rounds, "load_before": load_before, "load_after": M.load(),
             "fold_max_rel_err": err, "variants": {k: {"median_s": M.median(v["wall"]), **v} for k, v in times.items()}}
 
 
-def onnx(model: str, rounds: int, warmup: int) -> dict:
+def onnx(model: str, rounds: int, warmup: int, batch: int = BATCH) -> dict:
+    """onnxruntime, base vs folded, float32; its CUDA provider first where onnxruntime-gpu has one (TF32 off)."""
     import onnxruntime as ort
 
     dev = torch.device("cpu")  # the export runs on CPU; onnxruntime picks its own provider below
-    x, _ = _data(dev)
+    x, _ = _data(dev, batch, model)
     models = _inference_models(model, dev)
-    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
-    out: dict = {"model": model, "rounds": rounds, "variants": {}}
+    available = ort.get_available_providers()
+    providers = ([("CUDAExecutionProvider", {"use_tf32": 0})] if "CUDAExecutionProvider" in available else []) + ["CPUExecutionProvider"]
+    out: dict = {"model": model, "batch": batch, "rounds": rounds, "variants": {}}
     sessions = {}
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
         ref = models["rlrr_unmerged"](x).numpy()
@@ -221,8 +260,13 @@ def _graph_signature(path: Path) -> tuple:
     return tuple(n.op_type for n in g.node), tuple(sorted((tuple(i.dims), i.data_type) for i in g.initializer))
 
 
-def big_apply_fold(model: str) -> dict:
-    """`apply` (the paper's placement) and `fold` on a big model: time and peak RSS of each."""
+def big_apply_fold(model: str, copies: int = 3) -> dict:
+    """`apply` (the paper's placement) and `fold` on a big model: time and peak RSS of each.
+
+    The yardstick moves with the machine: one copy of every parameter into buffers allocated
+    (and touched) beforehand, the fastest of `copies`, timed in this process after the fold. A
+    fresh-memory clone would time page faults instead (seconds here for 2.4 GiB).
+    """
     from export import fold
 
     t = time.perf_counter()
@@ -233,7 +277,7 @@ def big_apply_fold(model: str) -> dict:
            "rss_built_mib": M.rss_mib(), "load_before": M.load()}
     with M.RssSampler() as s_apply:
         t = time.perf_counter()
-        V.rlrr_paper(net)
+        V.rlrr_eager(net)
         out["apply_s"] = time.perf_counter() - t
     with M.RssSampler() as s_fold:
         t = time.perf_counter()
@@ -242,6 +286,15 @@ def big_apply_fold(model: str) -> dict:
     out |= {"apply_peak_rss_mib": s_apply.peak_mib, "fold_peak_rss_mib": s_fold.peak_mib, "process_peak_rss_mib": M.peak_rss_mib(), "load_after": M.load()}
     out["apply_fold_s"] = out["apply_s"] + out["fold_s"]
     out["apply_fold_peak_over_fp32"] = max(s_apply.peak_mib, s_fold.peak_mib) / fp32_mib
+    params = [p.detach() for p in net.parameters()]
+    buffers = [torch.zeros_like(p) for p in params]  # zeros: the pages are touched now, not during the timed copies
+    out["copy_s"] = []
+    for _ in range(copies):
+        t = time.perf_counter()
+        for b, p in zip(buffers, params):
+            b.copy_(p)
+        out["copy_s"].append(time.perf_counter() - t)
+    out["apply_fold_copies"] = out["apply_fold_s"] / min(out["copy_s"])
     return out
 
 
@@ -249,7 +302,7 @@ def big_onnx(model: str) -> dict:
     """The folded big model's ONNX export (external data: > 2 GB), time, peak RSS and files."""
     from export import fold
 
-    net = fold(V.rlrr_paper(V.build(model))).eval()
+    net = fold(V.rlrr_eager(V.build(model))).eval()
     x, _ = _data(torch.device("cpu"), batch=1)
     out = {"model": model, "export_rss_before_mib": M.rss_mib(), "export_load_before": M.load()}
     with tempfile.TemporaryDirectory() as tmp, M.RssSampler() as s, torch.no_grad():

@@ -15,11 +15,16 @@ from torch import Tensor, nn
 
 import rlrr
 
-MODELS = {"vit_s16": "vit_small_patch16_224", "vit_b16": "vit_base_patch16_224", "vit_h14": "vit_huge_patch14_224"}
+MODELS = {"vit_s16": "vit_small_patch16_224", "vit_b16": "vit_base_patch16_224", "vit_h14": "vit_huge_patch14_224",
+          "vit_t16_32": "vit_tiny_patch16_224"}  # the last at 32², for the CI-size form of a run
+IMAGE_SIZE = {"vit_t16_32": 32}  # input side when not 224
 LINEARS = ["*.attn.qkv", "*.attn.proj", "*.mlp.fc1", "*.mlp.fc2"]
 #: LoRA's targets, the same linears (a regex: a plain "proj" would also catch patch_embed.proj)
 LORA_TARGETS = r".*\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)$"
 NUM_CLASSES = 100
+#: How RLRR's training path evaluates its formula (`rlrr.set_recompute(compile=...)`): a torch.compile
+#: backend ("inductor": fused kernels, the default) or None for eager ops. Workers set it from their spec.
+RLRR_KERNELS: str | None = "inductor"
 
 
 def build(model: str, num_classes: int | None = None) -> nn.Module:
@@ -27,7 +32,8 @@ def build(model: str, num_classes: int | None = None) -> nn.Module:
     torch.manual_seed(0)
     if num_classes is None:
         num_classes = 1000 if model == "vit_h14" else NUM_CLASSES
-    net = timm.create_model(MODELS[model], pretrained=False, num_classes=num_classes)
+    size = {"img_size": IMAGE_SIZE[model]} if model in IMAGE_SIZE else {}
+    net = timm.create_model(MODELS[model], pretrained=False, num_classes=num_classes, **size)
     with torch.no_grad():  # like trained weights: timm's init has γ = 1 and zero biases, which an
         for name, p in net.named_parameters():  # ONNX optimiser may deduplicate or drop in the base model only
             if p.dim() == 1:
@@ -60,13 +66,25 @@ def dense_floor(model: nn.Module) -> nn.Module:
 
 
 def rlrr_paper(model: nn.Module) -> nn.Module:
-    """RLRR (ours), rank 1, the paper's ViT placement: linears, every LayerNorm, SSF on the patch embedding."""
+    """RLRR (ours), rank 1, the paper's ViT placement: linears, every LayerNorm, SSF on the patch embedding.
+
+    Its linears train through the recompute path with fused compiled kernels (`RLRR_KERNELS`).
+    """
+    return _kernels(rlrr.apply(model, LINEARS + ["norm"], trainable="head", ssf="patch_embed.proj"))
+
+
+def rlrr_eager(model: nn.Module) -> nn.Module:
+    """Ablation: the paper's placement with the recompute path's formula evaluated op by op (the default)."""
     return rlrr.apply(model, LINEARS + ["norm"], trainable="head", ssf="patch_embed.proj")
 
 
 def rlrr_linears(model: nn.Module) -> nn.Module:
     """RLRR on exactly LoRA's linears (no norms, no patch embedding): the like-for-like row."""
-    return rlrr.apply(model, LINEARS, trainable="head")
+    return _kernels(rlrr.apply(model, LINEARS, trainable="head"))
+
+
+def _kernels(model: nn.Module) -> nn.Module:
+    return rlrr.set_recompute(model, True, compile=RLRR_KERNELS or False)
 
 
 def rlrr_parametrize(model: nn.Module) -> nn.Module:
@@ -74,7 +92,7 @@ def rlrr_parametrize(model: nn.Module) -> nn.Module:
 
     W' is then built by the weight's parametrization and kept alive by F.linear until backward.
     """
-    return rlrr.set_recompute(rlrr_paper(model), False)
+    return rlrr.set_recompute(rlrr_eager(model), False)
 
 
 def lora(model: nn.Module, rank: int = 8) -> nn.Module:
@@ -127,14 +145,20 @@ def ssf(model: nn.Module) -> nn.Module:
 
 TRAIN_VARIANTS: dict[str, Callable[[nn.Module], nn.Module]] = {
     "full": full,
+    "full_fwd_bwd": full,  # the floor: the same model, stepped without its optimizer (see NO_OPTIMIZER)
     "linear_probe": linear_probe,
     "dense_floor": dense_floor,
     "rlrr": rlrr_paper,
+    "rlrr_eager": rlrr_eager,
     "rlrr_linears": rlrr_linears,
     "rlrr_parametrize": rlrr_parametrize,
     "lora_r8": lora,
     "ssf": ssf,
 }
+
+
+#: Variants timed as forward + backward only: full fine-tuning's floor, the three GEMMs of every linear.
+NO_OPTIMIZER = {"full_fwd_bwd"}
 
 
 def trainable_parameters(model: nn.Module) -> int:

@@ -1,8 +1,10 @@
 """Fold (Eq. 20): write every adapter into the plain weights it rescales, in place.
 
-Each folded tensor is computed by the adapter's own `folded` (the function the forward uses, in
-float32 or wider, cast back). Every result is checked finite before anything is written, so a NaN
-in an adapter leaves the model untouched. Removing the rewrite itself is `rlrr.remove_rewrite`.
+Each folded tensor is computed by the adapter's own fold (the function the forward uses, in
+float32 or wider, cast back), block of rows by block (`Adapter.fold_into`), and written into the
+original tensor in place: no second copy of the model is ever held. Every result is checked
+finite first (`Adapter.fold_is_finite`, also by blocks), before anything is written, so a NaN in an
+adapter leaves the model untouched. Removing the rewrite itself is `rlrr.remove_rewrite`.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ class FoldReport:
 
 
 def _write_folded(t: rlrr.AdaptedTensor) -> None:
-    t.original.copy_(t.adapter.folded(t.original, t.is_bias))
+    t.adapter.fold_into(t.original, t.is_bias)
 
 
 @torch.no_grad()
@@ -42,10 +44,9 @@ def fold_with_report(model: nn.Module) -> tuple[nn.Module, FoldReport]:
     if hidden:
         raise rlrr.RLRRError(f"cannot fold: the adapters of {hidden[:5]} sit behind other parametrizations; the model was not changed")
     for t in targets:  # check first, write nothing yet
-        value = t.adapter.folded(t.original, t.is_bias)
-        if not torch.isfinite(value).all():
+        if not t.adapter.fold_is_finite(t.original, t.is_bias):
             raise rlrr.NonFiniteError(f"folding site {t.adapter.site.name} gives non-finite values in {t.name}: the adapter holds "
-                                      f"NaN/Inf or overflows {value.dtype}; the model was not changed")
+                                      f"NaN/Inf or overflows {t.original.dtype}; the model was not changed")
     tensors = len({id(t.original) for t in targets})
     removed = rlrr.remove_rewrite(model, write=_write_folded)
     if rlrr.adapters_of(model):

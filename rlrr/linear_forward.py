@@ -3,19 +3,25 @@
 `rlrr.inject` installs `linear_forward` as the forward of each adapted `nn.Linear` (on the class
 parametrize generates for that one module, so removing the rewrite removes it too). It takes the
 recompute path only when it pays and is safe: grad enabled, something requires grad, plain tensors
-(no compiler, tracer, fake or functional tensors), no autocast, and the weight carries exactly one
-RLRR adapter. Otherwise it is `nn.Linear.forward`, reading the parametrized (in eval, cached) weight.
+(no compiler, tracer, fake or functional tensors), and the weight carries exactly one RLRR adapter;
+under autocast too (its GEMMs then run in autocast's dtype, adapters/recompute.py). Otherwise it is
+`nn.Linear.forward`, reading the parametrized (in eval, cached) weight.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from adapters import BiasOf, LinearRescale, RecomputedLinear
+from adapters import BiasOf, LinearRescale, RecomputedLinear, compiled_kernels
 from rlrr.rewrite import user_class
+
+#: The class attribute that names a module's kernels for the recompute path (absent: eager).
+KERNELS = "_rlrr_kernels"
 
 
 def _recompute_inputs(module: nn.Linear) -> tuple[Tensor, Tensor | None, LinearRescale, bool] | None:
@@ -39,10 +45,8 @@ def _plain(t: Tensor | None) -> bool:
 
 
 def _recompute_now(x: Tensor) -> bool:
-    # reason: under autocast the GEMM would run in another dtype than the backward's recompute;
-    # compilers and tracers get the plain path, which they already handle.
-    return (torch.is_grad_enabled() and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
-            and _plain(x) and not torch.is_autocast_enabled(x.device.type))
+    # reason: compilers and tracers get the plain path, which they already handle.
+    return torch.is_grad_enabled() and not torch.compiler.is_compiling() and not torch.jit.is_tracing() and _plain(x)
 
 
 def linear_forward(self: nn.Linear, x: Tensor) -> Tensor:
@@ -54,7 +58,7 @@ def linear_forward(self: nn.Linear, x: Tensor) -> Tensor:
         tensors = (x, weight, bias, *params)
         if all(_plain(t) for t in tensors[1:]) and any(t is not None and t.requires_grad for t in tensors):
             adapter.clear_cache()  # grad is on: an eval-mode cache must not outlive it
-            return RecomputedLinear.apply(x, weight, bias, adapter, bias_adapted, *params)
+            return RecomputedLinear.apply(x, weight, bias, adapter, bias_adapted, type(self).__dict__.get(KERNELS), *params)
     return F.linear(x, self.weight, self.bias)
 
 
@@ -63,17 +67,25 @@ def takes_linear_forward(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) and user_class(module).forward is nn.Linear.forward
 
 
-def set_recompute(model: nn.Module, enabled: bool = True) -> nn.Module:
+def set_recompute(model: nn.Module, enabled: bool = True, *, compile: bool | str | Callable = False) -> nn.Module:
     """Turn the recompute training path of the model's adapted `nn.Linear`s on (the default) or off.
 
     Off, W' is built by the weight's parametrization and kept alive by `F.linear` until backward:
-    the plain path, for ablations and debugging. Each module's class is its own, so other models
-    are not affected.
+    the plain path, for ablations and debugging. `compile=True` evaluates the path's formula with
+    fused kernels that `torch.compile` generates at the first training step (9 passes over each
+    weight a step instead of 14; adapters/kernels.py); a string names another torch.compile
+    backend (tests use "aot_eager": traced, no code generated). Each module's class is its own, so
+    other models are not affected.
     """
+    kernels = compiled_kernels("inductor" if compile is True else compile) if compile else None
     for m in model.modules():
         cls = type(m)
         if not enabled and cls.__dict__.get("forward") is linear_forward:
             delattr(cls, "forward")
-        elif enabled and _recompute_inputs(m) is not None and takes_linear_forward(m):
+        if KERNELS in cls.__dict__ and (not enabled or kernels is None):
+            delattr(cls, KERNELS)
+        if enabled and _recompute_inputs(m) is not None and takes_linear_forward(m):
             cls.forward = linear_forward
+            if kernels is not None:
+                setattr(cls, KERNELS, kernels)
     return model

@@ -619,6 +619,88 @@ def test_fold_changes_the_output(case_opts, seed: int) -> None:
         assert (layer(x) - base(x)).abs().max() > 1e-9
 
 
+# In-place fold by row blocks (what export.fold runs): the same values as the whole fold, written
+# block by block, and the finiteness check agrees with the whole tensor's.
+
+rows_caps = st.one_of(st.none(), st.integers(1, 5))
+
+
+def check_blocks(adapter, original: Tensor, is_bias: bool, rows: int | None) -> None:
+    """The blocks cover every row once, in order, respect `rows` and never straddle a chunk."""
+    blocks = adapter.row_blocks(original, is_bias, rows)
+    assert [b[0] for b in blocks] == [0] + [b[1] for b in blocks[:-1]] and blocks[-1][1] == original.shape[0]
+    if isinstance(adapter, LinearRescale) and not is_bias and len(blocks) > 1:
+        per_row = adapter.out_features // original.shape[0]  # matrix rows per tensor row
+        per_chunk = adapter.out_features // adapter.chunks  # matrix rows per chunk
+        for start, stop in blocks:
+            assert rows is None or stop - start <= rows
+            assert start * per_row // per_chunk == (stop * per_row - 1) // per_chunk
+
+
+def block_fold_matches(adapter, original: Tensor, rows: int | None) -> None:
+    for is_bias, tensor in ((False, original), (True, torch.randn(original.shape[0], dtype=F64).to(original.dtype))):
+        check_blocks(adapter, tensor, is_bias, rows)
+        expected = adapter.folded(tensor, is_bias)
+        target = tensor.clone()
+        adapter.fold_into(target, is_bias, rows=rows)
+        torch.testing.assert_close(target, expected, rtol=0, atol=0)  # the same ops on fewer rows
+        assert adapter.fold_is_finite(tensor, is_bias, rows=rows)
+
+
+@FEW
+@given(case_opts=linear_cases_with_options(), rows=rows_caps, dtype=dtypes, seed=seeds)
+def test_linear_fold_into_by_row_blocks_is_the_whole_fold(case_opts, rows: int | None, dtype: torch.dtype, seed: int) -> None:
+    case, opts = case_opts
+    torch.manual_seed(seed)
+    weight = torch.randn(case["out"], case["in"], dtype=F64).to(dtype)
+    adapter = LinearRescale(weight, **opts)
+    randomise_(adapter, seed + 1)
+    block_fold_matches(adapter, weight, rows)
+
+
+@FEW
+@given(case_opts=conv_cases_with_options(), rows=rows_caps, dtype=dtypes, seed=seeds)
+def test_conv_fold_into_by_whole_output_channels_is_the_whole_fold(case_opts, rows: int | None, dtype: torch.dtype, seed: int) -> None:
+    case, opts = case_opts
+    torch.manual_seed(seed)
+    weight = torch.randn(case.weight_shape, dtype=F64).to(dtype)
+    adapter = ConvRescale(weight, **opts)
+    randomise_(adapter, seed + 1)
+    block_fold_matches(adapter, weight, rows)
+
+
+@FEW
+@given(shape=st.lists(st.integers(1, 8), min_size=1, max_size=2), rows=rows_caps, dtype=dtypes, seed=seeds)
+def test_norm_fold_into_is_the_whole_fold(shape: list[int], rows: int | None, dtype: torch.dtype, seed: int) -> None:
+    adapter = NormScaleShift(torch.ones(shape, dtype=dtype))
+    randomise_(adapter, seed)
+    gamma = torch.randn(shape, dtype=F64).to(dtype)
+    target = gamma.clone()
+    adapter.fold_into(target, False, rows=rows)
+    torch.testing.assert_close(target, adapter.folded(gamma, False), rtol=0, atol=0)
+
+
+@FEW
+@given(case_opts=linear_cases_with_options(), rows=rows_caps, dtype=st.sampled_from((torch.float32, torch.bfloat16, torch.float16)),
+       seed=seeds, poison=st.sampled_from(["nan_weight", "inf_scale", "huge_scale", "none"]), data=st.data())
+def test_block_finiteness_check_agrees_with_the_whole_fold(case_opts, rows: int | None, dtype: torch.dtype, seed: int, poison: str, data) -> None:
+    case, opts = case_opts
+    torch.manual_seed(seed)
+    weight = torch.randn(case["out"], case["in"], dtype=F64).to(dtype)
+    adapter = LinearRescale(weight, **opts)
+    randomise_(adapter, seed + 1)
+    with torch.no_grad():
+        if poison == "nan_weight":
+            weight.view(-1)[data.draw(st.integers(0, weight.numel() - 1))] = float("nan")
+        elif poison != "none":
+            scale = adapter.rlrr_s_right if adapter.rlrr_s_right is not None else adapter.rlrr_s_left
+            scale.view(-1)[data.draw(st.integers(0, scale.numel() - 1))] = float("inf") if poison == "inf_scale" else 1e36
+    whole = adapter.folded(weight, False)
+    assert adapter.fold_is_finite(weight, False, rows=rows) == bool(torch.isfinite(whole).all())
+    if poison in ("nan_weight", "inf_scale"):
+        assert not adapter.fold_is_finite(weight, False, rows=rows)
+
+
 # ----------------------------------------------------------------------------------------------
 # 4. Identity init
 # ----------------------------------------------------------------------------------------------

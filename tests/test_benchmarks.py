@@ -14,7 +14,7 @@ import torch
 
 from benchmarks import measure as M
 from benchmarks import variants as V
-from benchmarks.report import analyse, markdown
+from benchmarks.report import MODEL_NAMES, analyse, markdown
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
@@ -36,8 +36,19 @@ def test_targets_use_paired_ratios_of_the_raw_rounds(committed):
     rlrr, lora = timing["variants"]["rlrr"]["wall"], timing["variants"]["lora_r8"]["wall"]
     target = next(t for t in analyse(committed)["targets"] if t["target"] == "ViT-B/16 training step, RLRR / PEFT LoRA r=8")
     ratios = sorted(a / b for a, b in zip(rlrr, lora))
-    assert target["measured"] == pytest.approx((ratios[2] + ratios[3]) / 2)  # six rounds: the middle two
-    assert len(rlrr) == len(lora) == 6
+    assert target["measured"] == pytest.approx((ratios[4] + ratios[5]) / 2)  # ten rounds: the middle two
+    assert len(rlrr) == len(lora) == 10
+
+
+def test_the_floor_is_a_row_of_its_own_and_a_target(committed):
+    a = analyse(committed)
+    for model in ("ViT-S/16", "ViT-B/16"):
+        target = next(t for t in a["targets"] if t["target"] == f"{model} training step, RLRR / full FT forward + backward (the floor)")
+        timing = next(t for t in committed["tasks"] if t["spec"]["task"] == "train_timing" and MODEL_NAMES[t["model"]] == model)
+        ratios = sorted(r / f for r, f in zip(timing["variants"]["rlrr"]["wall"], timing["variants"]["full_fwd_bwd"]["wall"]))
+        assert target["measured"] == pytest.approx((ratios[4] + ratios[5]) / 2) and target["bound"] == "≤ 1.06"
+    md = (RESULTS / "benchmark.md").read_text()
+    assert "Machine: " in md and committed["environment"]["cpu"] in md and committed["environment"]["blas"] in md
 
 
 def test_paired_ratio_takes_the_ratio_within_each_round():
@@ -50,9 +61,11 @@ def test_paired_ratio_takes_the_ratio_within_each_round():
     ("variant", "trainable"),
     [
         ("full", None),  # every parameter
+        ("full_fwd_bwd", None),
         ("linear_probe", {"head.weight", "head.bias"}),
         ("dense_floor", {"pos_embed"}),
         ("rlrr", None),
+        ("rlrr_eager", None),
         ("rlrr_linears", None),
         ("ssf", None),
     ],
@@ -68,26 +81,29 @@ def test_variants_train_what_they_say(committed, variant, trainable):
         linears = [n for n in names if n.endswith("rlrr_s_left")]
         assert len(linears) == 4 * 12  # qkv, proj, fc1, fc2 of 12 blocks
         norms = [n for n in names if "norm" in n.split(".parametrizations")[0] and n.endswith("rlrr_scale")]
-        assert len(norms) == (25 if variant == "rlrr" else 0)  # 2 a block + the final norm
+        assert len(norms) == (25 if variant in ("rlrr", "rlrr_eager") else 0)  # paper placement: 2 a block + the final norm
     if variant == "ssf":
         assert all(n.startswith("head.") or n.endswith(("ssf_scale", "ssf_shift")) for n in names)
     timing = next(t for t in committed["tasks"] if t["spec"]["task"] == "train_timing" and t["model"] == "vit_s16")
     assert V.trainable_parameters(model) == timing["variants"][variant]["trainable_params"]
 
 
-def test_rlrr_variants_differ_only_in_the_path(committed):
-    """The parametrize ablation computes the same step as the fused RLRR variant."""
+def test_rlrr_variants_differ_only_in_the_path(committed, monkeypatch):
+    """The eager-kernel and parametrize ablations compute the same step as the RLRR variant."""
+    monkeypatch.setattr(V, "RLRR_KERNELS", "aot_eager")  # the compiled kernels' graphs, without compiling C++ in CI
+    torch._dynamo.reset()
     torch.manual_seed(0)
     x, y = torch.randn(2, 3, 224, 224), torch.randint(0, V.NUM_CLASSES, (2,))
     grads = []
-    for variant in ("rlrr", "rlrr_parametrize"):
+    for variant in ("rlrr", "rlrr_eager", "rlrr_parametrize"):
         torch.manual_seed(1)
         model = V.TRAIN_VARIANTS[variant](V.build("vit_s16"))
         torch.nn.functional.cross_entropy(model(x), y).backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
-    assert grads[0].keys() == grads[1].keys()
-    for n in grads[0]:
-        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-6, msg=n)
+    for other in grads[1:]:
+        assert grads[0].keys() == other.keys()
+        for n in grads[0]:
+            torch.testing.assert_close(grads[0][n], other[n], rtol=1e-4, atol=1e-6, msg=n)
 
 
 def test_lora_variant_targets_the_same_linears(committed):
@@ -97,3 +113,66 @@ def test_lora_variant_targets_the_same_linears(committed):
     assert len(adapted) == 48 and all(n.split(".")[-1] in ("qkv", "proj", "fc1", "fc2") and n.startswith("blocks.") for n in adapted)
     timing = next(t for t in committed["tasks"] if t["spec"]["task"] == "train_timing" and t["model"] == "vit_s16")
     assert V.trainable_parameters(model) == timing["variants"]["lora_r8"]["trainable_params"]
+
+
+def test_the_gpu_command_is_planned_without_a_gpu():
+    from benchmarks.run import parse_args, plan
+
+    tasks = plan(parse_args(["--device", "cuda"]))
+    assert {t["task"] for t in tasks} >= {"train_timing", "train_memory", "inference"} and not any(t["task"].startswith("big") for t in tasks)
+    timing = tasks[0]
+    assert (timing["model"], timing["batch"], timing["amp"], timing["device"], timing["rounds"]) == ("vit_b16", 64, "bfloat16", "cuda", 10)
+    assert {"full", "full_fwd_bwd", "rlrr", "rlrr_eager", "rlrr_parametrize"} <= set(timing["variants"])
+
+
+def test_the_gpu_command_runs_on_cpu_at_ci_size(tmp_path, monkeypatch):
+    """`--smoke` is the --device run's tasks at CI size (ViT-Ti at 32², batch 2, bf16 autocast), here in-process."""
+    from benchmarks.run import main
+
+    monkeypatch.setattr(V, "RLRR_KERNELS", V.RLRR_KERNELS)  # the run sets it; put it back after
+    threads = torch.get_num_threads()
+    try:
+        code = main(["--device", "cpu", "--smoke", "--in-process", "--kernels", "aot_eager", "--threads", "1", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+        torch._dynamo.reset()
+    doc = json.loads((tmp_path / "benchmark.json").read_text())
+    assert code == 0, [t.get("error") for t in doc["tasks"] if not t.get("ok")]
+    timing = next(t for t in doc["tasks"] if t["spec"]["task"] == "train_timing")
+    assert (timing["batch"], timing["amp"], timing["model"]) == (2, "bfloat16", "vit_t16_32")
+    assert all(v["faults_per_step"] is not None for v in timing["variants"].values())
+    md = (tmp_path / "benchmark.md").read_text()
+    assert "RLRR / full FT forward + backward (the floor)" in md and "bfloat16 autocast" in md and md.startswith("# RLRR benchmark")
+
+
+def test_the_gpu_command_says_when_there_is_no_gpu(capsys):
+    from benchmarks.run import main
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here")
+    assert main(["--device", "cuda"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_a_run_in_parts_keeps_every_part_and_the_newest_result_of_a_task():
+    from benchmarks.run import merge, parse_args, plan
+
+    assert [t["task"] for t in plan(parse_args(["--tasks", "big_apply_fold", "--models", ""]))] == ["big_apply_fold"]
+    env = {"cpu": "x"}
+
+    def part(command, started, *tasks):
+        return {"command": command, "started": started, "finished": started, "environment": env, "kernels": "inductor", "skipped": [],
+                "tasks": [{"spec": {"task": t, "model": "vit_s16"}, "ok": True, "n": started} for t in tasks]}
+
+    doc = merge(part("a", "1", "train_timing", "gemm_floor"), part("b", "2", "gemm_floor"))
+    assert doc["command"] == "a; b" and doc["started"] == "1" and [(t["spec"]["task"], t["n"]) for t in doc["tasks"]] == [("train_timing", "1"), ("gemm_floor", "2")]
+    with pytest.raises(SystemExit, match="another machine"):
+        merge(part("a", "1"), {**part("b", "2"), "environment": {"cpu": "y"}})
+
+
+def test_compare_puts_two_runs_side_by_side(committed):
+    from benchmarks.report import compare
+
+    rows = compare(committed, committed).splitlines()[2:]
+    assert rows and all(r.endswith("| yes |") for r in rows)
+    assert any("| floor |" in r for r in rows)

@@ -15,6 +15,7 @@ Small hand-written models in float64 (agreement to ~1e-12), plus timm's ViT-Tiny
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import timm
@@ -25,8 +26,9 @@ from torch.nn.utils import parametrize
 
 import rlrr
 from adapters import Adapter, LinearRescale, Scaling
-from adapters import RecomputedLinear
-from rlrr.linear_forward import linear_forward, takes_linear_forward
+from adapters import RecomputedLinear, compiled_kernels
+from adapters.kernels import BUFFERS, CompiledKernels
+from rlrr.linear_forward import KERNELS, linear_forward, takes_linear_forward
 from export import fold
 
 F64 = torch.float64
@@ -95,9 +97,13 @@ SCALINGS = [Scaling(), Scaling("left"), Scaling("right"), Scaling(residual=False
 CASES = [(s, r, c) for s in SCALINGS for r, c in [(1, 1), (1, 3), (2, 3)] if s.sides == "both" or r == 1]  # one-sided: rank 1
 
 
-@pytest.mark.parametrize("scaling,rank,chunks", CASES, ids=lambda v: f"{v.sides}-res{int(v.residual)}-lowrank{int(v.lowrank)}" if isinstance(v, Scaling) else str(v))
+def scaling_id(v) -> str:
+    return f"{v.sides}-res{int(v.residual)}-lowrank{int(v.lowrank)}" if isinstance(v, Scaling) else str(v)
+
+
+@pytest.mark.parametrize("scaling,rank,chunks", CASES, ids=scaling_id)
 @pytest.mark.parametrize("bias", ["adapted", "plain", "none"])
-def test_fused_function_gradcheck(scaling: Scaling, rank: int, chunks: int, bias: str) -> None:
+def test_fused_function_gradcheck(scaling: Scaling, rank: int, chunks: int, bias: str, kernels=None) -> None:
     g = torch.Generator().manual_seed(rank * 10 + chunks)
     weight = nn.Parameter(torch.randn(6, 4, generator=g, dtype=F64), requires_grad=False)
     adapter = LinearRescale(weight, rank=rank, chunks=chunks, scaling=scaling, shift=bias == "adapted")
@@ -110,7 +116,7 @@ def test_fused_function_gradcheck(scaling: Scaling, rank: int, chunks: int, bias
     inputs = (x, *params) + ((b,) if bias == "plain" else ())
 
     def fn(x, *rest):  # gradcheck perturbs the adapter's own parameters, in place
-        return RecomputedLinear.apply(x, weight, b, adapter, bias == "adapted", *params)
+        return RecomputedLinear.apply(x, weight, b, adapter, bias == "adapted", kernels, *params)
 
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-8)
     with torch.no_grad():  # and the forward is the parametrization's formula
@@ -130,7 +136,7 @@ def test_fused_function_double_backward(scaling: Scaling, rank: int, chunks: int
     bias = nn.Parameter(torch.randn(6, generator=g, dtype=F64), requires_grad=False)
     params = list(adapter.parameters())
     x = torch.randn(3, 4, generator=g, dtype=F64, requires_grad=True)
-    assert torch.autograd.gradgradcheck(lambda x, *ps: RecomputedLinear.apply(x, weight, bias, adapter, True, *params), (x, *params), eps=1e-6, atol=1e-7)
+    assert torch.autograd.gradgradcheck(lambda x, *ps: RecomputedLinear.apply(x, weight, bias, adapter, True, None, *params), (x, *params), eps=1e-6, atol=1e-7)
 
 
 def test_fused_function_gradient_of_an_unfrozen_base_weight() -> None:
@@ -139,7 +145,7 @@ def test_fused_function_gradient_of_an_unfrozen_base_weight() -> None:
     adapter = LinearRescale(weight, chunks=3)
     params = list(adapter.parameters())
     x = torch.randn(5, 4, generator=g, dtype=F64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, w, *ps: RecomputedLinear.apply(x, w, None, adapter, False, *params), (x, weight, *params), eps=1e-6, atol=1e-8)
+    assert torch.autograd.gradcheck(lambda x, w, *ps: RecomputedLinear.apply(x, w, None, adapter, False, None, *params), (x, weight, *params), eps=1e-6, atol=1e-8)
 
 
 def test_apply_installs_the_fused_forward_on_plain_linears_only() -> None:
@@ -200,17 +206,52 @@ def test_fused_training_under_torch_compile_matches_eager() -> None:
             torch.testing.assert_close(q.grad, p.grad, **TOL)
 
 
-def test_autocast_takes_the_parametrize_path(monkeypatch) -> None:
-    fused, plain = block(), without_recompute(block())
+@pytest.mark.parametrize("compile", [False, "aot_eager"], ids=["eager", "compiled"])
+def test_autocast_runs_the_gemms_in_bf16_and_the_formula_in_float32(compile, monkeypatch) -> None:
+    """Under autocast the recompute path casts as F.linear would; the parametrize path computes M in
+    bf16 (autocast's bmm), so the two agree to bf16 precision, not exactly."""
+    fused, plain = rlrr.set_recompute(block(), True, compile=compile), without_recompute(block())
     fused.float(), plain.float()
-    x = x_input().float()
+    x = x_input().float().requires_grad_()
+    x_plain = x.detach().clone().requires_grad_()
     calls = count_fused_calls(monkeypatch)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y_fused, y_plain = fused(x), plain(x)
-    assert calls == []  # (the output is float32: the residual adds the float32 input)
-    torch.testing.assert_close(y_fused, y_plain, rtol=0, atol=0)
-    y_fused.float().sum().backward()
-    assert all(p.grad is not None for p in fused.parameters() if p.requires_grad)
+        y_fused, y_plain = fused(x), plain(x_plain)
+    assert len(calls) == 3 and y_fused.dtype == y_plain.dtype
+    scale = y_plain.abs().max().item()
+    torch.testing.assert_close(y_fused, y_plain, rtol=0, atol=3e-2 * scale)
+    y_fused.float().square().sum().backward()
+    y_plain.float().square().sum().backward()
+    assert x.grad.dtype == torch.float32
+    torch.testing.assert_close(x.grad, x_plain.grad, rtol=0, atol=5e-2 * x_plain.grad.abs().max().item())
+    for (n, p), q in zip(fused.named_parameters(), plain.parameters()):
+        if p.requires_grad:
+            assert p.grad.dtype == torch.float32, n
+            torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=5e-2 * q.grad.abs().max().item(), msg=n)
+
+
+def test_autocast_path_is_f_linear_on_the_float32_formula_cast_to_bf16() -> None:
+    """One layer under autocast equals the explicit reference: W' in float32, cast, F.linear in bf16."""
+    g = torch.Generator().manual_seed(4)
+    weight = nn.Parameter(torch.randn(6, 4, generator=g), requires_grad=False)
+    bias = nn.Parameter(torch.randn(6, generator=g), requires_grad=False)
+    adapter = LinearRescale(weight, chunks=3)
+    with torch.no_grad():
+        adapter.rlrr_shift.normal_(generator=g)
+    params = list(adapter.parameters())
+    x = torch.randn(5, 4, generator=g, requires_grad=True)
+    seed = torch.randn(5, 6, generator=g).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = RecomputedLinear.apply(x, weight, bias, adapter, True, None, *params)
+    (y * seed).sum().backward()
+    got = [t.grad.clone() for t in (x, *params)]
+    for t in (x, *params):
+        t.grad = None
+    ref = F.linear(x.to(torch.bfloat16), adapter.effective_weight(weight).to(torch.bfloat16), adapter.effective_bias(bias).to(torch.bfloat16))
+    (ref * seed).sum().backward()
+    torch.testing.assert_close(y, ref, rtol=0, atol=0)
+    for a, b in zip(got, (x.grad, *(p.grad for p in params))):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6 * b.abs().max().item())
 
 
 def test_in_place_change_between_forward_and_backward_is_caught() -> None:
@@ -259,6 +300,175 @@ def test_vit_tiny_fused_equals_parametrize_path_in_float32() -> None:
     for (n, p), q in zip(fused.named_parameters(), plain.parameters()):
         if p.requires_grad:
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5 * q.grad.abs().max().item(), msg=n)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1b. Compiled kernels (adapters/kernels.py): the same formula through torch.compile. CI traces them
+# with the "aot_eager" backend (dynamo and AOTAutograd, no code generated: seconds); the C++ code
+# inductor generates is compiled only with RLRR_TEST_INDUCTOR=1 (tens of seconds) and by the benchmark.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test compiles from scratch: dynamo keeps at most 8 compiled versions of one function."""
+    torch._dynamo.reset()
+    yield
+
+
+class CountingBackend:
+    """aot_eager, counting the graphs it is given (0 would mean the kernels silently ran eagerly)."""
+
+    __name__ = "counting aot_eager"
+
+    def __init__(self) -> None:
+        self.graphs = 0
+
+    def __call__(self, gm, example_inputs):
+        self.graphs += 1
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+
+COMPILED_CASES = [(Scaling(), 1, 3), (Scaling(), 2, 1), (Scaling("left"), 1, 3), (Scaling("right", residual=False), 1, 1), (Scaling(lowrank=True), 1, 3)]
+
+
+@pytest.mark.parametrize("scaling,rank,chunks", COMPILED_CASES, ids=scaling_id)
+def test_compiled_kernels_gradcheck(scaling: Scaling, rank: int, chunks: int) -> None:
+    backend = CountingBackend()
+    kernels = CompiledKernels(backend)
+    test_fused_function_gradcheck(scaling, rank, chunks, "adapted", kernels=kernels)
+    assert backend.graphs == 2 and kernels.failed is None  # forward and backward kernels, compiled once each
+
+
+def test_compiled_kernels_gradient_of_an_unfrozen_base_weight() -> None:
+    backend = CountingBackend()
+    kernels = CompiledKernels(backend)
+    g = torch.Generator().manual_seed(3)
+    weight = nn.Parameter(torch.randn(6, 4, generator=g, dtype=F64))
+    adapter = LinearRescale(weight, chunks=3)
+    params = list(adapter.parameters())
+    x = torch.randn(5, 4, generator=g, dtype=F64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w, *ps: RecomputedLinear.apply(x, w, None, adapter, False, kernels, *params), (x, weight, *params), eps=1e-6, atol=1e-8)
+    assert backend.graphs == 2 and kernels.failed is None
+
+
+def test_compiled_kernels_double_backward_falls_back_to_autograd() -> None:
+    kernels = CompiledKernels(CountingBackend())
+    g = torch.Generator().manual_seed(11)
+    weight = nn.Parameter(torch.randn(6, 4, generator=g, dtype=F64), requires_grad=False)
+    adapter = LinearRescale(weight, chunks=3)
+    params = list(adapter.parameters())
+    x = torch.randn(3, 4, generator=g, dtype=F64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda x, *ps: RecomputedLinear.apply(x, weight, None, adapter, False, kernels, *params), (x, *params), eps=1e-6, atol=1e-7)
+
+
+def test_compiled_model_equals_parametrize_path() -> None:
+    backend = CountingBackend()
+    compiled_model, plain = rlrr.set_recompute(block(), True, compile=backend), without_recompute(block())
+    x = x_input()
+    seed = torch.randn(x.shape, generator=torch.Generator().manual_seed(9), dtype=F64)
+    for _ in range(2):  # the second step reuses the compiled code and the CPU buffers
+        y, y_plain = compiled_model(x), plain(x)
+        torch.testing.assert_close(y, y_plain, **TOL)
+        (y * seed).sum().backward()
+        (y_plain * seed).sum().backward()
+    for (n, p), q in zip(compiled_model.named_parameters(), plain.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, **TOL, msg=n)
+    assert backend.graphs == 4  # forward and backward kernels, for 3 chunks (qkv) and 1 (fc1, fc2)
+
+
+def test_compile_setting_is_per_model_and_undone_by_set_recompute() -> None:
+    model, other = block(), block()
+    rlrr.set_recompute(model, True, compile="aot_eager")
+    assert type(model.qkv).__dict__[KERNELS].name == "compiled (aot_eager)"
+    assert KERNELS not in type(other.qkv).__dict__
+    rlrr.set_recompute(model, True)  # eager kernels again
+    assert KERNELS not in type(model.qkv).__dict__ and type(model.qkv).forward is linear_forward
+    rlrr.set_recompute(model, True, compile="aot_eager")
+    rlrr.set_recompute(model, False)
+    assert "forward" not in type(model.qkv).__dict__ and KERNELS not in type(model.qkv).__dict__
+    fold(rlrr.set_recompute(other, True, compile="aot_eager"))
+    assert type(other.qkv) is nn.Linear
+
+
+def test_compiled_kernels_fall_back_to_eager_when_compiling_fails() -> None:
+    def broken(gm, example_inputs):
+        raise RuntimeError("no C++ compiler")
+
+    kernels = CompiledKernels(broken)
+    model, plain = rlrr.set_recompute(block(), True), without_recompute(block())
+    for m in model.modules():
+        if KERNELS in type(m).__dict__ or type(m).__dict__.get("forward") is linear_forward:
+            setattr(type(m), KERNELS, kernels)
+    x = x_input()
+    with pytest.warns(UserWarning, match="failed, using eager ones"):
+        y = model(x)
+    y.sum().backward()
+    y_plain = plain(x)
+    y_plain.sum().backward()
+    torch.testing.assert_close(y, y_plain, **TOL)
+    assert kernels.failed and "no C++ compiler" in kernels.failed
+    for p, q in zip(model.parameters(), plain.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, **TOL)
+
+
+def test_cpu_buffers_are_reused_and_never_returned() -> None:
+    """W' and dW' live in per-thread buffers; nothing handed back to autograd or the caller aliases one."""
+    model = rlrr.set_recompute(block(), True, compile="aot_eager")
+    x = x_input().requires_grad_()
+    y = model(x)
+    y.sum().backward()
+    buffers = {t.untyped_storage().data_ptr() for t in BUFFERS.store.values()}
+    assert buffers
+    owned = [y, x.grad] + [p.grad for p in model.parameters() if p.grad is not None]
+    assert not any(t.untyped_storage().data_ptr() in buffers for t in owned)
+    before = dict(BUFFERS.store)
+    model(x).sum().backward()
+    assert all(BUFFERS.store[k] is v for k, v in before.items())  # the second step allocated none
+
+
+def test_compiled_kernels_leave_ddp_torch_compile_and_export_alone(tmp_path) -> None:
+    """DDP (one gloo process), a whole-model torch.compile and torch.export of the unfolded model still work."""
+    import torch.distributed as dist
+
+    model, plain = rlrr.set_recompute(block(), True, compile="aot_eager"), block()
+    x = x_input()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        ddp(x).square().sum().backward()
+    finally:
+        dist.destroy_process_group()
+    plain(x).square().sum().backward()
+    for p, q in zip(model.parameters(), plain.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, **TOL)
+    whole = torch.compile(block(), backend="eager")
+    rlrr.set_recompute(whole._orig_mod, True, compile="aot_eager")
+    torch.testing.assert_close(whole(x), plain(x), **TOL)
+    with torch.no_grad():
+        exported = torch.export.export(model.eval(), (x,)).module()
+        torch.testing.assert_close(exported(x), plain.eval()(x), **TOL)
+
+
+@pytest.mark.skipif(not os.environ.get("RLRR_TEST_INDUCTOR"), reason="compiles C++ with inductor (tens of seconds): RLRR_TEST_INDUCTOR=1")
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_inductor_kernels_match_eager(dtype) -> None:
+    model, plain = rlrr.set_recompute(block(), True, compile=True).to(dtype), without_recompute(block()).to(dtype)
+    x = x_input().to(dtype)
+    def tol(t):  # float32: a few ulp of the largest entry (sums of products in another order)
+        return TOL if dtype == F64 else {"rtol": 1e-4, "atol": 1e-5 * t.abs().max().item()}
+
+    y, y_plain = model(x), plain(x)
+    torch.testing.assert_close(y, y_plain, **tol(y_plain))
+    y.square().sum().backward()
+    y_plain.square().sum().backward()
+    for p, q in zip(model.parameters(), plain.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, **tol(q.grad))
+    assert compiled_kernels().failed is None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -237,7 +237,7 @@ def export_onnx(
     """
     quantization = None
     if dtype != "int8" and (calibration is not None or keep_fp32):
-        raise rlrr.ConfigError(f"calibration and keep_fp32 only apply to dtype='int8' (got dtype={dtype!r})")
+        raise rlrr.ConfigError(f"calibration and keep_fp32 are for dtype='int8' only (got dtype={dtype!r})")
     if dtype == "int8":
         quantization = QuantOptions(None if calibration is None else str(calibration), calibration_images, eval_images,
                                     tuple(keep_fp32), min_agreement)
@@ -309,7 +309,8 @@ def _make_exporter(args) -> OnnxExporter:
         quantization = QuantOptions(args.calibration, args.calibration_images, args.eval_images, tuple(args.keep_fp32),
                                     DEFAULT_MIN_AGREEMENT if args.min_agreement is None else args.min_agreement)
     elif any(int8_only.values()):
-        raise rlrr.ConfigError(f"{', '.join(k for k, v in int8_only.items() if v)} only apply to --dtype int8 (got --dtype {args.dtype})")
+        given = [k for k, v in int8_only.items() if v]
+        raise rlrr.ConfigError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for --dtype int8 only (got --dtype {args.dtype})")
     return OnnxExporter(opset=args.opset, provider=args.provider, external_data=args.external_data, quantization=quantization)
 
 

@@ -64,7 +64,7 @@ class QuantOptions:
         object.__setattr__(self, "eval_images", check_int("held-out images", self.eval_images))
         object.__setattr__(self, "min_agreement", check_fraction("min agreement", self.min_agreement))
         if isinstance(self.keep_fp32, str) or any(not isinstance(p, str) or not p.strip() for p in self.keep_fp32):
-            raise rlrr.ConfigError(f"keep_fp32 takes a list of non-empty module-name patterns, got {self.keep_fp32!r}")
+            raise rlrr.ConfigError(f"keep_fp32 (--keep-fp32) takes non-empty module-name patterns, got {self.keep_fp32!r}")
         object.__setattr__(self, "keep_fp32", tuple(self.keep_fp32))
 
 

@@ -293,7 +293,7 @@ TINY_ARGS = ["--model", "vit_tiny_patch16_224", "--img-size", "32", "--model-kwa
         (onnx_main, ["--dtype", "int8", "--calibration-images", "0"], "calibration images must be a whole number from 1"),
         (onnx_main, ["--dtype", "int8", "--calibration", "EMPTY"], "holds no images"),
         (onnx_main, ["--dtype", "int8", "--keep-fp32", "blocks.9.*"], "--keep-fp32 'blocks.9.*' matches no module"),
-        (onnx_main, ["--keep-fp32", "head"], "--keep-fp32 only apply to --dtype int8"),
+        (onnx_main, ["--keep-fp32", "head"], "--keep-fp32 is for --dtype int8 only"),
         (onnx_main, ["--dtype", "bf16"], "onnx export writes fp32, fp16, int8, not bf16"),
         (torchscript_main, ["--dtype", "int8"], "INT8 is ONNX's"),
     ],
@@ -315,7 +315,7 @@ def test_cli_bad_quantization_input_exits_2_and_writes_nothing(main, args, needl
 
 @pytest.mark.parametrize(("options", "needle"), [
     ({"min_agreement": float("nan")}, "within [0, 1]"), ({"min_agreement": "0.9"}, "within [0, 1]"),
-    ({"eval_images": 0}, "held-out images must be"), ({"keep_fp32": "head"}, "a list of non-empty"),
+    ({"eval_images": 0}, "held-out images must be"), ({"keep_fp32": "head"}, "takes non-empty module-name patterns"),
     ({"calibration": ""}, "empty path"),
 ])
 def test_quant_options_refuse_bad_values_with_config_error(options, needle):
@@ -326,7 +326,7 @@ def test_quant_options_refuse_bad_values_with_config_error(options, needle):
 
 
 def test_int8_options_without_int8_are_refused(tmp_path):
-    with pytest.raises(rlrr.ConfigError, match="only apply to dtype='int8'"):
+    with pytest.raises(rlrr.ConfigError, match="are for dtype='int8' only"):
         export_onnx(TINY_VIT, tmp_path / "m.onnx", keep_fp32=["head"], **QUICK)
     assert list(tmp_path.iterdir()) == []
 

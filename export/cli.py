@@ -23,7 +23,7 @@ from pathlib import Path
 
 from export.errors import ExportError, MissingRuntimeError, OutputError, ResourceError, VerificationError, refusal
 from export.files import report_path
-from export.options import LIMITS, check_img_size, check_int, check_tolerance
+from export.options import LIMITS, arg_type, check_img_size, check_int, check_tolerance
 from export.pipeline import DEFAULT_SPEC, DTYPES, Exporter, resolve_spec, run_export
 from rlrr import ConfigError, RLRRError
 
@@ -100,23 +100,6 @@ class _Once(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
-def _checked(check: Callable, parse: Callable = int, *what: str) -> Callable[[str], object]:
-    """An argparse type: `parse` the text, then `check(*what, value)` (the library's own check)."""
-
-    def convert(text: str):
-        try:
-            value = parse(text)
-        except (ValueError, OverflowError):
-            kind = "a whole number" if parse is int else "a number"
-            raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}") from None
-        try:
-            return check(*what, value)
-        except ConfigError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-
-    return convert
-
-
 def _img_size(text: str) -> int | tuple[int, int]:
     m = re.fullmatch(r"(\d+)(?:[x,](\d+))?", text.strip())
     if not m:
@@ -159,10 +142,10 @@ def build_parser(prog: str, doc: str, suffix: str, add_arguments: Callable[[argp
     m.add_argument("--adapter", metavar="FILE", action="append",
                    help="adapter file from rlrr.save_adapter (default: a seeded random adapter); repeat it, as [NAME=]FILE, "
                         "for one file serving several tasks (python -m export.onnx; docs/serving.md)")
-    m.add_argument("--num-classes", type=_checked(check_int, int, "class count"), metavar="N", help="classifier size (default: the adapter file's, else the model's)")
+    m.add_argument("--num-classes", type=arg_type(check_int, int, "class count"), metavar="N", help="classifier size (default: the adapter file's, else the model's)")
     m.add_argument("--img-size", type=_img_size, metavar="N|HxW", help="input size (default: the adapter file's, else the model's config, else 224)")
     m.add_argument("--model-kwargs", type=_kwargs, default=None, metavar="JSON", help="extra builder arguments, e.g. '{\"depth\": 2}'")
-    m.add_argument("--rank", type=_checked(check_int, int, "rank"), default=1, help="rank of the random adapter (default 1)")
+    m.add_argument("--rank", type=arg_type(check_int, int, "rank"), default=1, help="rank of the random adapter (default 1)")
     o = parser.add_argument_group("output")
     o.add_argument("--out", metavar="PATH", help=f"output file (default ./rlrr-<model>{suffix}); the report goes to PATH.json")
     o.add_argument("--force", action="store_true", help="overwrite an existing output")
@@ -170,15 +153,15 @@ def build_parser(prog: str, doc: str, suffix: str, add_arguments: Callable[[argp
     v = parser.add_argument_group("verification")
     v.add_argument("--no-verify", action="store_true", help="export without comparing outputs (needs no runtime)")
     v.add_argument("--batch-sizes", type=_sizes, default=[1, 4], metavar="B1,B2", help="batch sizes to check (default 1,4)")
-    v.add_argument("--inputs", type=_checked(check_int, int, "inputs per batch"), default=3, metavar="N", help="seeded random inputs per batch size (default 3)")
+    v.add_argument("--inputs", type=arg_type(check_int, int, "inputs per batch"), default=3, metavar="N", help="seeded random inputs per batch size (default 3)")
     v.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
                    help="precision of the exported model: fp32, fp16; bf16 (TorchScript/.pt2); int8 (ONNX, see the INT8 options) (default fp32)")
-    v.add_argument("--tolerance", type=_checked(check_tolerance, float), metavar="REL",
+    v.add_argument("--tolerance", type=arg_type(check_tolerance, float), metavar="REL",
                    help="max error relative to the output's scale (default 1e-4 fp32, scaled up to 4x the model's own fp32-vs-fp64 error "
                         "when that is larger; 1e-2 fp16; 5e-2 bf16; int8: per module, for locating a failed check, 0.1)")
-    v.add_argument("--seed", type=_checked(check_int, int, "seed"), default=0, help="seed of random weights, random adapter and inputs (default 0)")
-    v.add_argument("--latency-runs", type=_checked(check_int, int, "latency runs"), default=20, metavar="N", help="timed runs per model for the latency median; 0 skips it (default 20)")
-    v.add_argument("--warmup", type=_checked(check_int, int, "warmup runs"), default=3, metavar="N", help="untimed runs before timing (default 3)")
+    v.add_argument("--seed", type=arg_type(check_int, int, "seed"), default=0, help="seed of random weights, random adapter and inputs (default 0)")
+    v.add_argument("--latency-runs", type=arg_type(check_int, int, "latency runs"), default=20, metavar="N", help="timed runs per model for the latency median; 0 skips it (default 20)")
+    v.add_argument("--warmup", type=arg_type(check_int, int, "warmup runs"), default=3, metavar="N", help="untimed runs before timing (default 3)")
     v.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     v.add_argument("--debug", action="store_true", help="on failure, print the traceback too (or set RLRR_DEBUG=1)")
     add_arguments(parser)

@@ -25,7 +25,7 @@ import rlrr
 from export.errors import ExportError, VerificationError, refusal
 from export.files import data_path
 from export.localize import exported_values, module_outputs
-from export.options import check_fraction, check_int
+from export.options import arg_type, check_fraction, check_int
 from export.pipeline import ModelSpec, run_export
 from export.quantize import DEFAULT_CALIBRATION_IMAGES, DEFAULT_EVAL_IMAGES, DEFAULT_MIN_AGREEMENT, QuantOptions
 from export.report import ExportReport
@@ -263,43 +263,14 @@ def _add_arguments(parser) -> None:
     q = parser.add_argument_group("INT8 (--dtype int8: static QDQ quantization with onnxruntime, checked by top-1 agreement)")
     q.add_argument("--calibration", metavar="DIR", help="calibration images: an ImageFolder tree or the fine-tuning data layout; "
                    "held-out images (test/val split) check agreement (default: seeded random inputs, which say little)")
-    q.add_argument("--calibration-images", type=_count("calibration images"), default=DEFAULT_CALIBRATION_IMAGES, metavar="N",
+    q.add_argument("--calibration-images", type=arg_type(check_int, int, "calibration images"), default=DEFAULT_CALIBRATION_IMAGES, metavar="N",
                    help=f"images that set the activation ranges (default {DEFAULT_CALIBRATION_IMAGES})")
-    q.add_argument("--eval-images", type=_count("held-out images"), default=DEFAULT_EVAL_IMAGES, metavar="N",
+    q.add_argument("--eval-images", type=arg_type(check_int, int, "held-out images"), default=DEFAULT_EVAL_IMAGES, metavar="N",
                    help=f"held-out images the agreement is measured on (default {DEFAULT_EVAL_IMAGES})")
     q.add_argument("--keep-fp32", action="append", default=[], metavar="GLOB",
                    help="keep the modules matching GLOB (module names, e.g. 'blocks.11.mlp.fc2' or 'head') in float; repeatable")
-    q.add_argument("--min-agreement", type=_fraction, default=None, metavar="F",
+    q.add_argument("--min-agreement", type=arg_type(check_fraction, float, "--min-agreement"), default=None, metavar="F",
                    help=f"top-1 agreement with the unmerged fp32 model needed to pass, in [0, 1] (default {DEFAULT_MIN_AGREEMENT})")
-
-
-def _fraction(text: str) -> float:
-    import argparse
-
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
-    try:
-        return check_fraction("--min-agreement", value)
-    except rlrr.ConfigError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _count(what: str):
-    import argparse
-
-    def convert(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        try:
-            return check_int(what, value)
-        except rlrr.ConfigError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-
-    return convert
 
 
 def _make_exporter(args) -> OnnxExporter:

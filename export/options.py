@@ -8,10 +8,11 @@ byte, not UTF-8) and input files as files; what a file holds is its reader's bus
 
 from __future__ import annotations
 
+import argparse
 import math
 import operator
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import rlrr
@@ -150,3 +151,20 @@ def check_image_budget(shape: Sequence[int], images: int) -> None:
         raise rlrr.ConfigError(f"{images} calibration and held-out images of {tuple(shape)} would take {need / 2**30:.1f} GiB, above "
                                f"{INPUT_BUDGET / 2**30:.0f} GiB: use fewer --calibration-images or --eval-images")
 
+
+
+def arg_type(check: Callable, parse: Callable = int, *what: str) -> Callable[[str], object]:
+    """An argparse type: `parse` the text, then `check(*what, value)` (the library's own check)."""
+
+    def convert(text: str):
+        try:
+            value = parse(text)
+        except (ValueError, OverflowError):
+            kind = "a whole number" if parse is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}") from None
+        try:
+            return check(*what, value)
+        except rlrr.ConfigError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return convert

@@ -7,7 +7,7 @@ from adapters.base import ADAPTER_PREFIX, INITS, Adapter, BiasOf, Scaling, adapt
 from adapters.combine import combine_concat, combine_weighted
 from adapters.conv import ConvRescale, flatten_kernel, unflatten_kernel
 from adapters.kernels import EAGER, compiled as compiled_kernels
-from adapters.linear import LinearRescale, rescale, scale_matrix
+from adapters.linear import LinearRescale, rescale, rescale_vjp, scale_matrix, scale_matrix_vjp
 from adapters.norm import ChannelScaleShift, NormScaleShift
 from adapters.per_row import conv2d_rows, linear_rows, scale_shift_rows
 from adapters.recompute import RecomputedLinear
@@ -32,7 +32,9 @@ __all__ = [
     "flatten_kernel",
     "linear_rows",
     "rescale",
+    "rescale_vjp",
     "scale_matrix",
+    "scale_matrix_vjp",
     "scale_shift_rows",
     "unflatten_kernel",
 ]

@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from adapters.linear import LinearRescale
+from adapters.linear import LinearRescale, rescale_vjp, scale_matrix_vjp
 
 
 class _Buffers(threading.local):
@@ -40,12 +40,17 @@ class _Buffers(threading.local):
 
     def __init__(self) -> None:
         self.store: dict[tuple[str, torch.dtype], Tensor] = {}
+        self.views: dict[tuple, Tensor] = {}  # (slot, dtype, shape) -> a view of the slot's tensor: no view op per call
 
     def get(self, slot: str, shape: Sequence[int], like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
         """A tensor of `shape` on `like`'s device, in `dtype` (else `like`'s), valid until the slot's next use."""
         dtype = dtype or like.dtype
         if like.device.type != "cpu":
             return torch.empty(shape, dtype=dtype, device=like.device)
+        view_key = (slot, dtype, tuple(shape))
+        view = self.views.get(view_key)
+        if view is not None:
+            return view
         numel = 1
         for n in shape:
             numel *= n
@@ -53,7 +58,9 @@ class _Buffers(threading.local):
         flat = self.store.get(key)
         if flat is None or flat.numel() < numel:
             flat = self.store[key] = torch.empty(numel, dtype=dtype)
-        return flat[:numel].view(shape)
+            self.views = {k: v for k, v in self.views.items() if k[:2] != key}  # views of the old tensor
+        view = self.views[view_key] = flat[:numel].view(shape)
+        return view
 
 
 BUFFERS = _Buffers()
@@ -68,24 +75,46 @@ def weight_gradient(dy: Tensor, x: Tensor, reuse: bool) -> Tensor:
 
 
 class EagerKernels:
-    """The formula op by op (`effective_weight`), its gradients by autograd: 14 passes a step."""
+    """The formula op by op into reused buffers; its gradients from the written-out derivatives: 14 passes a step."""
 
     name = "eager"
 
     def weight(self, adapter: LinearRescale, weight: Tensor, dtype: torch.dtype | None = None) -> Tensor:
         """W' for a forward without a graph, computed in W's dtype, handed out in `dtype` (autocast's)."""
-        return _cast(adapter.effective_weight(weight), dtype)
+        return _cast(_weight_and_m(adapter, weight)[0], dtype)
 
     def weight_and_grads(self, adapter: LinearRescale, weight: Tensor, dw: Tensor, wanted: Sequence[Tensor],
                          create: bool, dtype: torch.dtype | None = None) -> tuple[Tensor, list[Tensor | None]]:
         """W' (for dX, in `dtype`) and the gradients of `wanted` (the adapter's scales, W) given dW'.
 
-        `create`: keep both differentiable (backward with create_graph=True).
+        `create`: keep both differentiable (backward with create_graph=True): then autograd
+        differentiates the formula itself. Otherwise dW' is overwritten (it is dM afterwards).
         """
-        with torch.enable_grad():  # the formula again, with its own small graph
-            w = adapter.effective_weight(weight)
-        grads = torch.autograd.grad(w, list(wanted), dw.to(w.dtype), allow_unused=True, create_graph=create) if wanted else []
-        return _cast(w if create else w.detach(), dtype), list(grads)
+        if create:
+            return _autograd_weight_and_grads(adapter, weight, dw, wanted, dtype)
+        w, m = _weight_and_m(adapter, weight)
+        s_left, s_right = _scales(adapter)
+        with_weight = any(t is weight for t in wanted)
+        dm, d_weight = rescale_vjp(dw.to(w.dtype), weight, m, adapter.scaling, weight_grad=with_weight)
+        d_left, d_right = scale_matrix_vjp(dm, s_left, s_right)
+        found = {id(adapter.rlrr_s_left): d_left, id(adapter.rlrr_s_right): d_right, id(weight): d_weight}
+        return _cast(w, dtype), [found.get(id(t)) for t in wanted]
+
+
+def _weight_and_m(adapter: LinearRescale, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """(W', M) in W's dtype, in this thread's buffers on CPU (valid until the next call)."""
+    s_left, s_right = _scales(adapter)
+    m_out = BUFFERS.get("m", weight.shape, weight) if s_left is not None and s_right is not None else None
+    return type(adapter).weight_and_m_from(weight, s_left, s_right, adapter.scaling, out=BUFFERS.get("w", weight.shape, weight), m_out=m_out)
+
+
+def _autograd_weight_and_grads(adapter: LinearRescale, weight: Tensor, dw: Tensor, wanted: Sequence[Tensor],
+                               dtype: torch.dtype | None) -> tuple[Tensor, list[Tensor | None]]:
+    """W' and the gradients by autograd of the formula, every step differentiable (double backward)."""
+    with torch.enable_grad():  # the formula again, with its own small graph
+        w = adapter.effective_weight(weight)
+    grads = torch.autograd.grad(w, list(wanted), dw.to(w.dtype), allow_unused=True, create_graph=True) if wanted else []
+    return _cast(w, dtype), list(grads)
 
 
 def _cast(t: Tensor, dtype: torch.dtype | None) -> Tensor:

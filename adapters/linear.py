@@ -10,7 +10,9 @@ s_right the output side. In PyTorch's (out, in) layout, rank r (App. F) reads
 Rank 1 is Eq. 16 itself: M[i, j] = s_right[i] * s_left[j], the factor of Eq. 19. A fused
 projection (timm's qkv, nn.MultiheadAttention's in_proj_weight) may carry one S_left per output
 chunk, so it behaves as the paper's separate q, k and v layers. `scale_matrix` and `rescale` are
-the only places these formulas are written; forward and fold both call them.
+the only places these formulas are written; forward and fold both call them. Their derivatives,
+for the training path's backward, are written beside them (`scale_matrix_vjp`, `rescale_vjp`) and
+tested against autograd of the formulas.
 """
 
 from __future__ import annotations
@@ -21,13 +23,15 @@ from torch import Size, Tensor, nn
 from adapters.base import ADAPTER_PREFIX, FOLD_BLOCK, Adapter, Scaling, check_init, fold_dtype
 
 
-def scale_matrix(s_left: Tensor | None, s_right: Tensor | None, out_features: int, in_features: int, *, fused: bool = False) -> Tensor:
+def scale_matrix(s_left: Tensor | None, s_right: Tensor | None, out_features: int, in_features: int, *, fused: bool = False,
+                 out: Tensor | None = None) -> Tensor:
     """M = S_right @ S_left per output chunk, broadcastable to (out, in).
 
     s_left: (chunks, r, in); s_right: (out, r). A missing side counts as ones (one-sided scaling,
     Table 6), which needs r = 1. `fused=True` writes the same product as a broadcast multiply
     summed over r, which a code generator (torch.compile) fuses into the loop that consumes M, so
-    M is never stored; evaluated eagerly that form would store r copies of (out, in).
+    M is never stored; evaluated eagerly that form would store r copies of (out, in). `out`
+    ((out, in), contiguous) receives M when it is the product of both sides.
     """
     if s_left is None:
         return s_right  # (out, 1): scales whole rows
@@ -38,9 +42,28 @@ def scale_matrix(s_left: Tensor | None, s_right: Tensor | None, out_features: in
         left = s_left.unsqueeze(1).expand(chunks, out_features // chunks, rank, in_features).reshape(out_features, rank, in_features)
         return (s_right.unsqueeze(-1) * left).sum(1)  # (out, r, in) summed over r: each row with its chunk's S_left
     right = s_right.reshape(chunks, out_features // chunks, rank)  # (chunks, out/chunks, r)
-    # reason: bmm also at r = 1 (an exact outer product): its backward reads dM twice as two
-    # matrix-vector products, where a broadcast multiply's allocates two (out, in) temporaries.
-    return torch.bmm(right, s_left).reshape(out_features, in_features)  # (chunks, out/chunks, in) -> (out, in)
+    shaped = None if out is None else out.view(chunks, out_features // chunks, in_features)
+    # reason: with a graph, bmm also at r = 1 (an exact outer product): its backward reads dM twice
+    # as two matrix-vector products, where a broadcast multiply's allocates two (out, in)
+    # temporaries. Without one, r = 1 is a broadcast multiply: the same products, 3× faster than bmm.
+    if rank == 1 and not (torch.is_grad_enabled() and (s_left.requires_grad or s_right.requires_grad)):
+        return torch.mul(right, s_left, out=shaped).view(out_features, in_features)
+    return torch.bmm(right, s_left, out=shaped).reshape(out_features, in_features)  # (chunks, out/chunks, in) -> (out, in)
+
+
+def scale_matrix_vjp(dm: Tensor, s_left: Tensor | None, s_right: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    """The gradients of `scale_matrix`'s S_left and S_right given dL/dM, shaped (out, in): one read of dM each."""
+    out_features, in_features = dm.shape
+    if s_left is None:
+        return None, dm.sum(1, keepdim=True)  # M = s_right, broadcast along rows
+    chunks, rank, _ = s_left.shape
+    dm_chunks = dm.reshape(chunks, out_features // chunks, in_features)
+    if s_right is None:
+        return dm_chunks.sum(1, keepdim=True), None  # M = each chunk's s_left, repeated down its rows
+    right = s_right.reshape(chunks, out_features // chunks, rank)
+    d_left = torch.bmm(right.transpose(1, 2), dm_chunks)  # (chunks, r, in)
+    d_right = torch.bmm(dm_chunks, s_left.transpose(1, 2)).reshape(out_features, rank)
+    return d_left, d_right
 
 
 def rescale(weight: Tensor, m: Tensor, scaling: Scaling, out: Tensor | None = None) -> Tensor:
@@ -53,6 +76,21 @@ def rescale(weight: Tensor, m: Tensor, scaling: Scaling, out: Tensor | None = No
     if scaling.residual:
         return torch.addcmul(weight, m, weight, out=out)  # Eq. 16: W + s_left ⊙ W ⊙ s_right, one pass over W
     return torch.mul(m, weight, out=out)  # no residual: s_left ⊙ W ⊙ s_right
+
+
+def rescale_vjp(dw: Tensor, weight: Tensor, m: Tensor, scaling: Scaling, *, weight_grad: bool = False) -> tuple[Tensor, Tensor | None]:
+    """(dL/dM, dL/dW) of `rescale` given dL/dW'; dL/dW only when `weight_grad`.
+
+    dL/dM is written over `dw` (one pass, no new tensor): the caller must not need dL/dW'
+    afterwards. dL/dW is always a tensor of its own.
+    """
+    if scaling.lowrank:  # W' = W + M
+        return dw, dw.clone() if weight_grad else None
+    if scaling.residual:  # W' = W + M ⊙ W
+        d_weight = torch.addcmul(dw, dw, m) if weight_grad else None
+    else:  # W' = M ⊙ W
+        d_weight = dw * m if weight_grad else None
+    return dw.mul_(weight), d_weight
 
 
 class LinearRescale(Adapter):
@@ -142,14 +180,21 @@ class LinearRescale(Adapter):
 
     @classmethod
     def weight_from(cls, weight: Tensor, s_left: Tensor | None, s_right: Tensor | None, scaling: Scaling, *, fused: bool = False,
-                    out: Tensor | None = None) -> Tensor:
+                    out: Tensor | None = None, m_out: Tensor | None = None) -> Tensor:
         """W' from W and the scales passed in: `effective_weight` as a function of tensors (what a compiler traces).
 
-        `fused`: see `scale_matrix`; `out`: see `rescale`.
+        `fused`: see `scale_matrix`; `out`: see `rescale`; `m_out`: `scale_matrix`'s `out`.
         """
+        return cls.weight_and_m_from(weight, s_left, s_right, scaling, fused=fused, out=out, m_out=m_out)[0]
+
+    @classmethod
+    def weight_and_m_from(cls, weight: Tensor, s_left: Tensor | None, s_right: Tensor | None, scaling: Scaling, *, fused: bool = False,
+                          out: Tensor | None = None, m_out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """`weight_from`, and M shaped like the weight (what `rescale_vjp` needs)."""
         out_features, in_features = cls.matrix_shape(weight.shape)
-        m = scale_matrix(s_left, s_right, out_features, in_features, fused=fused).expand(out_features, in_features)
-        return rescale(weight, cls.unflatten(m, weight.shape), scaling, out=out)
+        m = scale_matrix(s_left, s_right, out_features, in_features, fused=fused, out=m_out).expand(out_features, in_features)
+        m = cls.unflatten(m, weight.shape)
+        return rescale(weight, m, scaling, out=out), m
 
     def effective_bias(self, bias: Tensor, dtype: torch.dtype | None = None) -> Tensor:
         b = bias if dtype is None else bias.to(dtype)
@@ -218,4 +263,4 @@ class LinearRescale(Adapter):
         return f"matrix=({self.out_features}, {self.in_features}), rank={self.rank}, chunks={self.chunks}, scaling={sides}, shift={self.adapts_bias}"
 
 
-__all__ = ["LinearRescale", "rescale", "scale_matrix"]
+__all__ = ["LinearRescale", "rescale", "rescale_vjp", "scale_matrix", "scale_matrix_vjp"]

@@ -5,8 +5,10 @@ Through the parametrization alone, `F.linear(x, W', b')` keeps W' alive from for
 the forward computes W' from the adapter's own formula (`LinearRescale.weight_from`, so
 `scale_matrix` and `rescale`, written once in adapters/linear.py), runs the GEMM and frees it;
 backward computes it again for dX and gets the adapter parameters' gradients from that same
-formula's vector-Jacobian product, given dW' = dYᵀX. No derivative is written out anywhere.
-How the formula is evaluated, op by op or as fused compiled loops, is `kernels` (adapters/kernels.py).
+formula's vector-Jacobian product, given dW' = dYᵀX: the derivatives written beside the formulas
+(`scale_matrix_vjp`, `rescale_vjp`), or autograd of the formula itself where the backward must be
+differentiable (create_graph=True). b' = b + f gives db' to both. How the formula is evaluated,
+op by op or as fused compiled loops, is `kernels` (adapters/kernels.py).
 
 This module is the math only; `rlrr` decides when a layer takes this path (rlrr/linear_forward.py).
 """
@@ -52,8 +54,8 @@ class RecomputedLinear(torch.autograd.Function):
 def _backward(ctx, dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, params: list[Tensor]) -> tuple:
     adapter = ctx.adapter
     create = torch.is_grad_enabled()  # backward(create_graph=True): keep every step differentiable
-    bias_params = {id(p) for p in (adapter.rlrr_shift,) if p is not None}
-    wanted = [t for t in (weight, *params) if t.requires_grad and id(t) not in bias_params]  # what W' feeds
+    shift = adapter.rlrr_shift
+    wanted = [t for t in (weight, *params) if t.requires_grad and t is not shift]  # what W' feeds
     if wanted:
         dw = weight_gradient(dy, x, reuse=not create)  # dW' = dYᵀX, (out, in)
         w, found = ctx.kernels.weight_and_grads(adapter, weight, dw, wanted, create, ctx.amp)
@@ -61,12 +63,14 @@ def _backward(ctx, dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, p
     else:
         w, grads = ctx.kernels.weight(adapter, weight, ctx.amp), {}
     dx = (dy @ w).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
-    bias_wanted = [t for t in (bias, *params) if t is not None and t.requires_grad and (t is bias or id(t) in bias_params)]
-    if bias is not None and bias_wanted:  # (a shift without a bias to put it in is unused)
-        with torch.enable_grad():
-            b = adapter.effective_bias(bias) if ctx.bias_adapted else bias
-        db = dy.reshape(-1, dy.shape[-1]).sum(0).to(b.dtype)  # db'
-        grads |= dict(zip(map(id, bias_wanted), torch.autograd.grad(b, bias_wanted, db, allow_unused=True, create_graph=create)))
+    if bias is not None:  # (a shift without a bias to put it in is unused)
+        shifted = shift is not None and ctx.bias_adapted and shift.requires_grad
+        if bias.requires_grad or shifted:
+            db = dy.reshape(-1, dy.shape[-1]).sum(0).to(bias.dtype)  # db'; b' = b + f (`effective_bias`): db' is each one's
+            if bias.requires_grad:
+                grads[id(bias)] = db
+            if shifted:
+                grads[id(shift)] = db.clone() if bias.requires_grad else db
     return (dx, grads.get(id(weight)), grads.get(id(bias)) if bias is not None else None, None, None, None,
             *(grads.get(id(p)) for p in params))
 

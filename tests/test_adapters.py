@@ -33,6 +33,8 @@ from adapters import (
     Scaling,
     adapter_parameters,
     flatten_kernel,
+    rescale_vjp,
+    scale_matrix_vjp,
     unflatten_kernel,
 )
 
@@ -424,6 +426,34 @@ def test_norm_matches_ssf(shape: list[int], dtype: torch.dtype, seed: int) -> No
     expected = s * (g64 * x_hat + b64) + t
     scale = (x_hat.abs() * (g64 * s).abs() + (b64 * s).abs() + t.abs()).max()
     close(norm(x), expected, FOLD_TOL[dtype], scale)
+
+
+@PROPS
+@given(rows=dims, inn=dims, scaling=variants, rank=ranks, chunks=st.integers(1, 3), weight_grad=st.booleans(), seed=seeds)
+def test_written_out_derivatives_equal_autograd_of_the_formula(rows: int, inn: int, scaling: Scaling, rank: int, chunks: int,
+                                                                weight_grad: bool, seed: int) -> None:
+    """`scale_matrix_vjp` and `rescale_vjp` (the training path's backward) are the formulas' vector-Jacobian products."""
+    rank = rank if scaling.sides == "both" else 1
+    out = rows * chunks
+    gen = torch.Generator().manual_seed(seed)
+    w = randn(out, inn, gen=gen).requires_grad_(weight_grad)
+    adapter = LinearRescale(w.detach(), rank=rank, chunks=chunks, scaling=scaling).to(F64)
+    randomise_(adapter, seed)
+    s_left, s_right = adapter.rlrr_s_left, adapter.rlrr_s_right
+    dw = randn(out, inn, gen=gen)
+    primals = [t for t in (s_left, s_right, w) if t is not None and t.requires_grad]
+    expected = torch.autograd.grad(LinearRescale.weight_from(w, s_left, s_right, scaling), primals, dw)
+
+    with torch.no_grad():
+        value, m = LinearRescale.weight_and_m_from(w, s_left, s_right, scaling)
+        dm, d_weight = rescale_vjp(dw.clone(), w, m, scaling, weight_grad=weight_grad)
+        d_left, d_right = scale_matrix_vjp(dm, s_left, s_right)
+    close(value, adapter.effective_weight(w), FORMULA_TOL[F64], w.abs().max())
+    actual = [g for g, t in ((d_left, s_left), (d_right, s_right), (d_weight, w)) if t is not None and t.requires_grad]
+    assert [g.shape for g in actual] == [g.shape for g in expected]
+    for got, want in zip(actual, expected):
+        close(got, want, FORMULA_TOL[F64], want.abs().max() + 1.0)
+    assert (d_weight is None) == (not weight_grad)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -25,10 +25,10 @@ from benchmarks import measure as M
 from benchmarks.report import write_reports
 
 RESULTS = Path(__file__).parent / "results"
-MAIN = ["full", "full_fwd_bwd", "linear_probe", "rlrr", "rlrr_eager", "lora_r8", "ssf"]
+MAIN = ["full", "full_fwd_bwd", "linear_probe", "rlrr", "rlrr_compiled", "lora_r8", "ssf"]
 ABLATIONS = ["rlrr_linears", "rlrr_parametrize"]  # like-for-like placement; without the recompute Function
 SMALL = "vit_s16"
-NO_MEMORY = {"full_fwd_bwd", "rlrr_eager"}  # same model and memory as "full" / "rlrr" (bar the optimizer state / compiled code)
+NO_MEMORY = {"full_fwd_bwd", "rlrr_compiled"}  # same model and memory as "full" / "rlrr" (bar the optimizer state / compiled code)
 #: What a missing optional package removes from a run (said in the report).
 NEEDS = {"lora_r8": "peft", "onnx": "onnxruntime"}
 
@@ -137,7 +137,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="cuda: ViT-B/16 at batch 64 under bf16 autocast, training and latency, about 5 minutes")
     p.add_argument("--smoke", action="store_true", help="the --device run's tasks at CI size (ViT-Ti at 32², batch 2, 2 rounds)")
-    p.add_argument("--kernels", default="inductor", help="torch.compile backend for RLRR's training kernels ('none': eager ops)")
+    p.add_argument("--kernels", default="inductor", help="torch.compile backend of the compiled-kernels ablation ('none': eager ops)")
     p.add_argument("--threads", type=int, default=None, help="torch and onnxruntime threads per worker (default: 2 on CPU, all on cuda)")
     p.add_argument("--out", type=Path, default=None, help="folder for benchmark.{json,md,png} (default: benchmarks/results, or results/<device> for --device cuda)")
     p.add_argument("--tasks", type=lambda s: s.split(","), default=None,

@@ -180,7 +180,7 @@ def _inference_models(model: str, dev: torch.device) -> dict[str, nn.Module]:
     from export import fold
 
     base = V.build(model).to(dev).eval()
-    unmerged = V.rlrr_eager(copy.deepcopy(base)).eval()
+    unmerged = V.rlrr_paper(copy.deepcopy(base)).eval()
     with torch.no_grad():  # random, non-trivial adapters: the paper's init plus non-zero shifts
         for a in rlrr.adapters_of(unmerged):
             for n, p in a.named_parameters():
@@ -277,7 +277,7 @@ def big_apply_fold(model: str, copies: int = 3) -> dict:
            "rss_built_mib": M.rss_mib(), "load_before": M.load()}
     with M.RssSampler() as s_apply:
         t = time.perf_counter()
-        V.rlrr_eager(net)
+        V.rlrr_paper(net)
         out["apply_s"] = time.perf_counter() - t
     with M.RssSampler() as s_fold:
         t = time.perf_counter()
@@ -302,7 +302,7 @@ def big_onnx(model: str) -> dict:
     """The folded big model's ONNX export (external data: > 2 GB), time, peak RSS and files."""
     from export import fold
 
-    net = fold(V.rlrr_eager(V.build(model))).eval()
+    net = fold(V.rlrr_paper(V.build(model))).eval()
     x, _ = _data(torch.device("cpu"), batch=1)
     out = {"model": model, "export_rss_before_mib": M.rss_mib(), "export_load_before": M.load()}
     with tempfile.TemporaryDirectory() as tmp, M.RssSampler() as s, torch.no_grad():

@@ -22,8 +22,8 @@ LINEARS = ["*.attn.qkv", "*.attn.proj", "*.mlp.fc1", "*.mlp.fc2"]
 #: LoRA's targets, the same linears (a regex: a plain "proj" would also catch patch_embed.proj)
 LORA_TARGETS = r".*\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)$"
 NUM_CLASSES = 100
-#: How RLRR's training path evaluates its formula (`rlrr.set_recompute(compile=...)`): a torch.compile
-#: backend ("inductor": fused kernels, the default) or None for eager ops. Workers set it from their spec.
+#: The torch.compile backend of the compiled-kernels ablation (`rlrr.set_recompute(compile=...)`):
+#: "inductor" (fused loops) by default, None for eager ops. Workers set it from their spec.
 RLRR_KERNELS: str | None = "inductor"
 
 
@@ -68,23 +68,19 @@ def dense_floor(model: nn.Module) -> nn.Module:
 def rlrr_paper(model: nn.Module) -> nn.Module:
     """RLRR (ours), rank 1, the paper's ViT placement: linears, every LayerNorm, SSF on the patch embedding.
 
-    Its linears train through the recompute path with fused compiled kernels (`RLRR_KERNELS`).
+    Its linears train through the library's default path: the recompute Function, formula op by op.
     """
-    return _kernels(rlrr.apply(model, LINEARS + ["norm"], trainable="head", ssf="patch_embed.proj"))
-
-
-def rlrr_eager(model: nn.Module) -> nn.Module:
-    """Ablation: the paper's placement with the recompute path's formula evaluated op by op (the default)."""
     return rlrr.apply(model, LINEARS + ["norm"], trainable="head", ssf="patch_embed.proj")
+
+
+def rlrr_compiled(model: nn.Module) -> nn.Module:
+    """Ablation: the paper's placement with the recompute path's formula compiled into fused loops (`RLRR_KERNELS`)."""
+    return rlrr.set_recompute(rlrr_paper(model), True, compile=RLRR_KERNELS or False)
 
 
 def rlrr_linears(model: nn.Module) -> nn.Module:
     """RLRR on exactly LoRA's linears (no norms, no patch embedding): the like-for-like row."""
-    return _kernels(rlrr.apply(model, LINEARS, trainable="head"))
-
-
-def _kernels(model: nn.Module) -> nn.Module:
-    return rlrr.set_recompute(model, True, compile=RLRR_KERNELS or False)
+    return rlrr.apply(model, LINEARS, trainable="head")
 
 
 def rlrr_parametrize(model: nn.Module) -> nn.Module:
@@ -92,7 +88,7 @@ def rlrr_parametrize(model: nn.Module) -> nn.Module:
 
     W' is then built by the weight's parametrization and kept alive by F.linear until backward.
     """
-    return rlrr.set_recompute(rlrr_eager(model), False)
+    return rlrr.set_recompute(rlrr_paper(model), False)
 
 
 def lora(model: nn.Module, rank: int = 8) -> nn.Module:
@@ -149,7 +145,7 @@ TRAIN_VARIANTS: dict[str, Callable[[nn.Module], nn.Module]] = {
     "linear_probe": linear_probe,
     "dense_floor": dense_floor,
     "rlrr": rlrr_paper,
-    "rlrr_eager": rlrr_eager,
+    "rlrr_compiled": rlrr_compiled,
     "rlrr_linears": rlrr_linears,
     "rlrr_parametrize": rlrr_parametrize,
     "lora_r8": lora,

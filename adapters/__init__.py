@@ -7,6 +7,7 @@ from adapters.base import ADAPTER_PREFIX, INITS, Adapter, BiasOf, Scaling, adapt
 from adapters.combine import combine_concat, combine_weighted
 from adapters.conv import ConvRescale, flatten_kernel, unflatten_kernel
 from adapters.kernels import EAGER, compiled as compiled_kernels
+from adapters.native import NATIVE
 from adapters.linear import LinearRescale, rescale, rescale_vjp, scale_matrix, scale_matrix_vjp
 from adapters.norm import ChannelScaleShift, NormScaleShift
 from adapters.per_row import conv2d_rows, linear_rows, scale_shift_rows
@@ -21,6 +22,7 @@ __all__ = [
     "ConvRescale",
     "EAGER",
     "LinearRescale",
+    "NATIVE",
     "NormScaleShift",
     "RecomputedLinear",
     "Scaling",

@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from adapters.kernels import EAGER, EagerKernels, weight_gradient
+from adapters.kernels import EagerKernels, weight_gradient
 from adapters.linear import LinearRescale
+from adapters.native import NATIVE
 
 
 class RecomputedLinear(torch.autograd.Function):
@@ -34,7 +35,7 @@ class RecomputedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, adapter: LinearRescale, bias_adapted: bool,
                 kernels: EagerKernels | None, *params: Tensor) -> Tensor:
-        kernels = kernels or EAGER
+        kernels = kernels or NATIVE  # the default: the native loop where it applies, else op by op
         device = x.device.type
         amp = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         ctx.adapter, ctx.bias_adapted, ctx.kernels, ctx.amp, ctx.x_dtype = adapter, bias_adapted, kernels, amp, x.dtype

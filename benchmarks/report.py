@@ -19,6 +19,7 @@ NAMES = {
     "rlrr": "RLRR (ours, r=1, paper placement)",
     "lora_r8": "PEFT LoRA r=8 (qkv/proj/fc1/fc2)",
     "ssf": "SSF (official form, on activations)",
+    "rlrr_eager": "ablation: RLRR, op by op (native=False)",
     "rlrr_compiled": "ablation: RLRR, compiled fused kernels",
     "rlrr_linears": "ablation: RLRR on LoRA's linears only",
     "rlrr_parametrize": "ablation: RLRR, parametrize path (no recompute Function)",
@@ -146,7 +147,7 @@ def markdown(doc: dict, a: dict) -> str:
         "Random weights, AdamW, 224² unless said. Each training variant runs in one process and the variants are stepped in turn, "
         "one step each per round, after warm-up rounds; a ratio is taken within each round (the same load) and reported as the "
         "median [min–max] over rounds. `load` is the 1-minute load average before→after each task. RLRR trains through the "
-        "library's default path (the recompute Function, formula op by op); the compiled-kernels ablation uses "
+        "library's default path (the recompute Function, native loops on CPU); the compiled-kernels ablation uses "
         + (f"`torch.compile` ({kernels}), compiled during warm-up." if kernels else "eager ops too (`--kernels none`)."),
         "",
         "## Targets",

@@ -25,10 +25,10 @@ from benchmarks import measure as M
 from benchmarks.report import write_reports
 
 RESULTS = Path(__file__).parent / "results"
-MAIN = ["full", "full_fwd_bwd", "linear_probe", "rlrr", "rlrr_compiled", "lora_r8", "ssf"]
-ABLATIONS = ["rlrr_linears", "rlrr_parametrize"]  # like-for-like placement; without the recompute Function
+MAIN = ["full", "full_fwd_bwd", "linear_probe", "rlrr", "rlrr_eager", "lora_r8", "ssf"]
+ABLATIONS = ["rlrr_compiled", "rlrr_linears", "rlrr_parametrize"]  # compiled kernels; like-for-like placement; without the recompute Function
 SMALL = "vit_s16"
-NO_MEMORY = {"full_fwd_bwd", "rlrr_compiled"}  # same model and memory as "full" / "rlrr" (bar the optimizer state / compiled code)
+NO_MEMORY = {"full_fwd_bwd", "rlrr_eager", "rlrr_compiled"}  # same model and memory as "full" / "rlrr" (bar the optimizer state / compiled code)
 #: What a missing optional package removes from a run (said in the report).
 NEEDS = {"lora_r8": "peft", "onnx": "onnxruntime"}
 

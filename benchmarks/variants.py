@@ -68,9 +68,14 @@ def dense_floor(model: nn.Module) -> nn.Module:
 def rlrr_paper(model: nn.Module) -> nn.Module:
     """RLRR (ours), rank 1, the paper's ViT placement: linears, every LayerNorm, SSF on the patch embedding.
 
-    Its linears train through the library's default path: the recompute Function, formula op by op.
+    Its linears train through the library's default path: the recompute Function, native loops on CPU.
     """
     return rlrr.apply(model, LINEARS + ["norm"], trainable="head", ssf="patch_embed.proj")
+
+
+def rlrr_eager(model: nn.Module) -> nn.Module:
+    """Ablation: the paper's placement with the recompute path op by op (`native=False`)."""
+    return rlrr.set_recompute(rlrr_paper(model), True, native=False)
 
 
 def rlrr_compiled(model: nn.Module) -> nn.Module:
@@ -145,6 +150,7 @@ TRAIN_VARIANTS: dict[str, Callable[[nn.Module], nn.Module]] = {
     "linear_probe": linear_probe,
     "dense_floor": dense_floor,
     "rlrr": rlrr_paper,
+    "rlrr_eager": rlrr_eager,
     "rlrr_compiled": rlrr_compiled,
     "rlrr_linears": rlrr_linears,
     "rlrr_parametrize": rlrr_parametrize,

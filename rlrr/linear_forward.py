@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from adapters import BiasOf, LinearRescale, RecomputedLinear, compiled_kernels
+from adapters import EAGER, BiasOf, LinearRescale, RecomputedLinear, compiled_kernels
 from rlrr.rewrite import user_class
 
 #: The class attribute that names a module's kernels for the recompute path (absent: eager).
@@ -67,17 +67,19 @@ def takes_linear_forward(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) and user_class(module).forward is nn.Linear.forward
 
 
-def set_recompute(model: nn.Module, enabled: bool = True, *, compile: bool | str | Callable = False) -> nn.Module:
+def set_recompute(model: nn.Module, enabled: bool = True, *, compile: bool | str | Callable = False, native: bool = True) -> nn.Module:
     """Turn the recompute training path of the model's adapted `nn.Linear`s on (the default) or off.
 
     Off, W' is built by the weight's parametrization and kept alive by `F.linear` until backward:
-    the plain path, for ablations and debugging. `compile=True` evaluates the path's formula with
-    fused kernels that `torch.compile` generates at the first training step (9 passes over each
-    weight a step instead of 14; adapters/kernels.py); a string names another torch.compile
+    the plain path, for ablations and debugging. On, the paper form (Eq. 16) on CPU runs one
+    native loop per direction (5 passes over each weight a step, built at the first step;
+    adapters/native.py) and everything else op by op (14). `native=False` keeps to op by op.
+    `compile=True` evaluates the formula with fused kernels that `torch.compile` generates at the
+    first training step (9 passes; adapters/kernels.py); a string names another torch.compile
     backend (tests use "aot_eager": traced, no code generated). Each module's class is its own, so
     other models are not affected.
     """
-    kernels = compiled_kernels("inductor" if compile is True else compile) if compile else None
+    kernels = compiled_kernels("inductor" if compile is True else compile) if compile else (None if native else EAGER)
     for m in model.modules():
         cls = type(m)
         if not enabled and cls.__dict__.get("forward") is linear_forward:

@@ -65,6 +65,7 @@ def test_paired_ratio_takes_the_ratio_within_each_round():
         ("linear_probe", {"head.weight", "head.bias"}),
         ("dense_floor", {"pos_embed"}),
         ("rlrr", None),
+        ("rlrr_eager", None),
         ("rlrr_compiled", None),
         ("rlrr_linears", None),
         ("ssf", None),
@@ -81,7 +82,7 @@ def test_variants_train_what_they_say(committed, variant, trainable):
         linears = [n for n in names if n.endswith("rlrr_s_left")]
         assert len(linears) == 4 * 12  # qkv, proj, fc1, fc2 of 12 blocks
         norms = [n for n in names if "norm" in n.split(".parametrizations")[0] and n.endswith("rlrr_scale")]
-        assert len(norms) == (25 if variant in ("rlrr", "rlrr_compiled") else 0)  # paper placement: 2 a block + the final norm
+        assert len(norms) == (25 if variant in ("rlrr", "rlrr_eager", "rlrr_compiled") else 0)  # paper placement: 2 a block + the final norm
     if variant == "ssf":
         assert all(n.startswith("head.") or n.endswith(("ssf_scale", "ssf_shift")) for n in names)
     timing = next(t for t in committed["tasks"] if t["spec"]["task"] == "train_timing" and t["model"] == "vit_s16")
@@ -95,7 +96,7 @@ def test_rlrr_variants_differ_only_in_the_path(committed, monkeypatch):
     torch.manual_seed(0)
     x, y = torch.randn(2, 3, 224, 224), torch.randint(0, V.NUM_CLASSES, (2,))
     grads = []
-    for variant in ("rlrr", "rlrr_compiled", "rlrr_parametrize"):
+    for variant in ("rlrr", "rlrr_eager", "rlrr_compiled", "rlrr_parametrize"):
         torch.manual_seed(1)
         model = V.TRAIN_VARIANTS[variant](V.build("vit_s16"))
         torch.nn.functional.cross_entropy(model(x), y).backward()
@@ -122,7 +123,7 @@ def test_the_gpu_command_is_planned_without_a_gpu():
     assert {t["task"] for t in tasks} >= {"train_timing", "train_memory", "inference"} and not any(t["task"].startswith("big") for t in tasks)
     timing = tasks[0]
     assert (timing["model"], timing["batch"], timing["amp"], timing["device"], timing["rounds"]) == ("vit_b16", 64, "bfloat16", "cuda", 10)
-    assert {"full", "full_fwd_bwd", "rlrr", "rlrr_compiled", "rlrr_parametrize"} <= set(timing["variants"])
+    assert {"full", "full_fwd_bwd", "rlrr", "rlrr_eager", "rlrr_compiled", "rlrr_parametrize"} <= set(timing["variants"])
 
 
 def test_the_gpu_command_runs_on_cpu_at_ci_size(tmp_path, monkeypatch):

@@ -26,7 +26,8 @@ from torch.nn.utils import parametrize
 
 import rlrr
 from adapters import Adapter, LinearRescale, Scaling
-from adapters import RecomputedLinear, compiled_kernels
+from adapters import EAGER, RecomputedLinear, compiled_kernels
+from adapters.native import NativeKernels
 from adapters.kernels import BUFFERS, CompiledKernels
 from rlrr.linear_forward import KERNELS, linear_forward, takes_linear_forward
 from export import fold
@@ -360,6 +361,101 @@ def test_compiled_kernels_double_backward_falls_back_to_autograd() -> None:
     params = list(adapter.parameters())
     x = torch.randn(3, 4, generator=g, dtype=F64, requires_grad=True)
     assert torch.autograd.gradgradcheck(lambda x, *ps: RecomputedLinear.apply(x, weight, None, adapter, False, kernels, *params), (x, *params), eps=1e-6, atol=1e-7)
+
+
+class CountingNative(NativeKernels):
+    """The native kernels, counting the calls that reach the C++ loops."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loops = 0
+
+    def library(self):
+        library = super().library()
+        self.loops += library is not None
+        return library
+
+
+@pytest.mark.parametrize("scaling,rank,chunks", CASES, ids=scaling_id)
+def test_eager_kernels_gradcheck(scaling: Scaling, rank: int, chunks: int) -> None:
+    """The op-by-op path (the default's fallback, `native=False`) on every variant."""
+    test_fused_function_gradcheck(scaling, rank, chunks, "adapted", kernels=EAGER)
+
+
+@pytest.mark.parametrize("rank,chunks", [(1, 1), (1, 3), (2, 3)])
+def test_native_loops_gradcheck(rank: int, chunks: int) -> None:
+    """The paper form takes the C++ loops (built here, as on first use) and they pass gradcheck in float64."""
+    kernels = CountingNative()
+    test_fused_function_gradcheck(Scaling(), rank, chunks, "adapted", kernels=kernels)
+    assert kernels.failed is None and kernels.loops > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("rank,chunks", [(1, 1), (1, 3), (3, 2)])
+def test_native_loops_equal_the_op_by_op_kernels(dtype, rank: int, chunks: int) -> None:
+    """W' and the gradients to rounding (fused multiply-adds, sums in another order), at ViT-like row widths."""
+    g = torch.Generator().manual_seed(rank + chunks)
+    weight = torch.randn(6 * chunks * 8, 96, generator=g, dtype=F64).to(dtype)
+    adapter = LinearRescale(weight, rank=rank, chunks=chunks).to(dtype)
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=F64))
+    dw = torch.randn(weight.shape, generator=g, dtype=F64).to(dtype)
+    wanted = [adapter.rlrr_s_left, adapter.rlrr_s_right]
+    kernels = CountingNative()
+    with torch.no_grad():
+        w_native = kernels.weight(adapter, weight).clone()
+        w_both, grads = kernels.weight_and_grads(adapter, weight, dw.clone(), wanted, False)
+        w_both = w_both.clone()  # (a CPU buffer, which the next call overwrites)
+        w_eager = EAGER.weight(adapter, weight).clone()
+        _, expected = EAGER.weight_and_grads(adapter, weight, dw.clone(), wanted, False)
+    assert kernels.loops == 2
+    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == F64 else {"rtol": 1e-5, "atol": 1e-5}
+    torch.testing.assert_close(w_native, w_eager, **tol)  # (torch's addcmul may fuse the multiply-add: one rounding fewer)
+    torch.testing.assert_close(w_both, w_native, rtol=0, atol=0)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, rtol=tol["rtol"], atol=tol["atol"] * want.abs().max().item())
+
+
+def test_native_loops_take_only_the_paper_form() -> None:
+    """Other scalings, a trainable W and a differentiable backward go op by op; the result is the same."""
+    kernels = CountingNative()
+    for scaling in (Scaling("left"), Scaling(residual=False), Scaling(lowrank=True)):
+        test_fused_function_gradcheck(scaling, 1, 3, "adapted", kernels=kernels)
+    assert kernels.loops == 0
+    g = torch.Generator().manual_seed(3)
+    weight = nn.Parameter(torch.randn(6, 4, generator=g, dtype=F64))
+    adapter = LinearRescale(weight, chunks=3)
+    params = list(adapter.parameters())
+    x = torch.randn(5, 4, generator=g, dtype=F64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w, *ps: RecomputedLinear.apply(x, w, None, adapter, False, kernels, *params), (x, weight, *params), eps=1e-6, atol=1e-8)
+    assert torch.autograd.gradgradcheck(lambda x, *ps: RecomputedLinear.apply(x, weight.detach(), None, adapter, False, kernels, *params), (x, *params), eps=1e-6, atol=1e-7)
+
+
+def test_native_build_failure_falls_back_to_op_by_op_with_one_warning(monkeypatch) -> None:
+    import adapters.native as native
+
+    kernels = NativeKernels()
+    monkeypatch.setattr(native, "build", lambda verbose=False: (_ for _ in ()).throw(RuntimeError("no compiler here")))
+    model, plain = block(), without_recompute(block())
+    rlrr.set_recompute(model)
+    setattr(type(model.qkv), KERNELS, kernels)
+    x = x_input()
+    with pytest.warns(UserWarning, match="could not build the native training loop.*no compiler here"):
+        y = model(x)
+    assert kernels.failed and "no compiler here" in kernels.failed
+    y.square().sum().backward()  # no second warning
+    plain(x).square().sum().backward()
+    for p, q in zip(model.parameters(), plain.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, **TOL)
+
+
+def test_set_recompute_native_false_keeps_to_op_by_op() -> None:
+    model = rlrr.set_recompute(block(), native=False)
+    assert all(type(m).__dict__.get(KERNELS) is EAGER for m in model.modules() if type(m).__dict__.get("forward") is linear_forward)
+    rlrr.set_recompute(model)
+    assert not any(KERNELS in type(m).__dict__ for m in model.modules())
 
 
 def test_compiled_model_equals_parametrize_path() -> None:

@@ -1,0 +1,124 @@
+"""The recompute path's paper form as one hand-written CPU loop per direction: 5 passes a step.
+
+For W' = W + (S_right @ S_left) ⊙ W (both sides, residual: Eq. 16 at any rank and chunking), in
+float32 or float64 on CPU, each row of W is read once per direction:
+
+- forward: one loop reads W and writes W' (2 passes; M is never stored);
+- backward, after the GEMM writes dW' (1): one loop reads W and dW' and writes W' for dX while
+  summing both scale gradients, S_right's along the row and S_left's down the columns in a small
+  per-thread array (3 passes; dM is never stored).
+
+The op-by-op path (`EagerKernels`) makes 14 passes in 7 ops; `torch.compile` will not put a row
+and a column reduction into one loop (9). The loop is the same arithmetic as `scale_matrix` and
+`rescale` and their derivatives (adapters/linear.py), checked against them in tests; anything
+else (another scaling, dtype or device, a trainable W, a differentiable backward) goes to
+`EagerKernels`.
+
+The source, native_loops.cpp, is plain C++ with OpenMP and no PyTorch headers: `torch.utils.cpp_extension.load`
+builds it at the first training step in about a second (ninja, a C++ compiler) into PyTorch's
+extension cache, under its file lock (DDP processes build it once). It is loaded with ctypes and
+called with the tensors' data pointers; OpenMP is the runtime PyTorch already loaded, so
+`torch.set_num_threads` applies. If the build fails, a warning says why and the op-by-op path
+runs from then on.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from adapters.base import Scaling
+from adapters.kernels import BUFFERS, EagerKernels, _cast, _scales
+from adapters.linear import LinearRescale
+
+#: The loops, a plain C++ file beside this one (package data).
+SOURCE = Path(__file__).with_name("native_loops.cpp")
+
+#: The extension's name in PyTorch's cache (its build folder); a changed source rebuilds it.
+NAME = "rlrr_native_kernels"
+_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+_PAPER = Scaling()
+
+
+def build(verbose: bool = False) -> ctypes.CDLL:
+    """Compile SOURCE (or find it compiled) with torch.utils.cpp_extension and load it."""
+    from torch.utils.cpp_extension import load  # reason: imported only when the loop is first needed
+
+    path = load(NAME, [str(SOURCE)], extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], is_python_module=False, verbose=verbose)
+    library = ctypes.CDLL(path)
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    for suffix in _SUFFIX.values():
+        getattr(library, f"rlrr_weight_{suffix}").argtypes = [pointer] * 4 + [size] * 4
+        getattr(library, f"rlrr_weight_and_grads_{suffix}").argtypes = [pointer] * 7 + [size] * 4
+    return library
+
+
+class NativeKernels(EagerKernels):
+    """The paper form through the hand-written loops (see the module doc); everything else op by op."""
+
+    name = "native"
+
+    def __init__(self) -> None:
+        self._library: ctypes.CDLL | None = None
+        self._lock = threading.Lock()
+        self.failed: str | None = None
+
+    def library(self) -> ctypes.CDLL | None:
+        """The loaded loops, built at the first call; None (after one warning) if that failed."""
+        if self._library is None and self.failed is None:
+            with self._lock:
+                if self._library is None and self.failed is None:
+                    try:
+                        self._library = build()
+                    except Exception as e:  # reason: no compiler or ninja must not stop training
+                        self.failed = f"{type(e).__name__}: {str(e)[-400:]}"  # (the end of a build log)
+                        warnings.warn(f"rlrr: could not build the native training loop, using op-by-op kernels: {self.failed}", stacklevel=5)
+        return self._library
+
+    def _takes(self, adapter: LinearRescale, weight: Tensor) -> ctypes.CDLL | None:
+        if type(adapter) is not LinearRescale or adapter.scaling != _PAPER or weight.device.type != "cpu" or weight.dtype not in _SUFFIX:
+            return None
+        if not weight.is_contiguous() or adapter.rlrr_s_left.dtype != weight.dtype or adapter.rlrr_s_right.dtype != weight.dtype:
+            return None
+        return self.library()
+
+    def weight(self, adapter: LinearRescale, weight: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        library = self._takes(adapter, weight)
+        if library is None:
+            return super().weight(adapter, weight, dtype)
+        s_left, s_right = (t.contiguous() for t in _scales(adapter))
+        out = BUFFERS.get("w", weight.shape, weight)
+        getattr(library, f"rlrr_weight_{_SUFFIX[weight.dtype]}")(
+            weight.data_ptr(), s_left.data_ptr(), s_right.data_ptr(), out.data_ptr(), *_sizes(weight, s_left))
+        return _cast(out, dtype)
+
+    def weight_and_grads(self, adapter: LinearRescale, weight: Tensor, dw: Tensor, wanted: Sequence[Tensor],
+                         create: bool, dtype: torch.dtype | None = None) -> tuple[Tensor, list[Tensor | None]]:
+        library = None if create or any(t is weight for t in wanted) else self._takes(adapter, weight)
+        if library is None:
+            return super().weight_and_grads(adapter, weight, dw, wanted, create, dtype)
+        s_left, s_right = (t.contiguous() for t in _scales(adapter))
+        dw = dw.to(weight.dtype).contiguous()  # (bf16 from the GEMM under autocast)
+        out = BUFFERS.get("w", weight.shape, weight)
+        d_left, d_right = torch.empty_like(s_left), torch.empty_like(s_right)
+        getattr(library, f"rlrr_weight_and_grads_{_SUFFIX[weight.dtype]}")(
+            weight.data_ptr(), s_left.data_ptr(), s_right.data_ptr(), dw.data_ptr(), out.data_ptr(),
+            d_left.data_ptr(), d_right.data_ptr(), *_sizes(weight, s_left))
+        found = {id(adapter.rlrr_s_left): d_left, id(adapter.rlrr_s_right): d_right}
+        return _cast(out, dtype), [found.get(id(t)) for t in wanted]
+
+
+def _sizes(weight: Tensor, s_left: Tensor) -> tuple[int, int, int, int]:
+    """(out, in, chunks, rank) for the loops."""
+    return weight.shape[0], weight.shape[1], s_left.shape[0], s_left.shape[1]
+
+
+NATIVE = NativeKernels()
+
+__all__ = ["NATIVE", "NativeKernels", "build"]

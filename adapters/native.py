@@ -1,4 +1,4 @@
-"""The recompute path's paper form as one hand-written CPU loop per direction: 5 passes a step.
+"""The recompute path's paper form as one hand-written CPU loop per direction: 6 passes a step.
 
 For W' = W + (S_right @ S_left) ⊙ W (both sides, residual: Eq. 16 at any rank and chunking), in
 float32 or float64 on CPU, each row of W is read once per direction:

@@ -72,7 +72,7 @@ def set_recompute(model: nn.Module, enabled: bool = True, *, compile: bool | str
 
     Off, W' is built by the weight's parametrization and kept alive by `F.linear` until backward:
     the plain path, for ablations and debugging. On, the paper form (Eq. 16) on CPU runs one
-    native loop per direction (5 passes over each weight a step, built at the first step;
+    native loop per direction (6 passes over each weight a step, built at the first step;
     adapters/native.py) and everything else op by op (14). `native=False` keeps to op by op.
     `compile=True` evaluates the formula with fused kernels that `torch.compile` generates at the
     first training step (9 passes; adapters/kernels.py); a string names another torch.compile

@@ -77,6 +77,7 @@ def analyse(doc: dict) -> dict:
                                  "err": t.get("fold_max_rel_err", t.get("folded_vs_unmerged_max_rel_err")), "same_graph": t.get("same_graph")}
     for t in _tasks(doc, "big_apply_fold") + _tasks(doc, "big_onnx"):
         out["big"].setdefault(t["model"], {}).update({k: v for k, v in t.items() if k not in ("spec", "ok")})
+    out["own_work"] = {t["model"]: t for t in _tasks(doc, "own_work")}
     floors = {t["model"]: t for t in _tasks(doc, "gemm_floor")}
     out["gemm_floor"] = {m: {"dense_s": t["dense"]["median_s"], "with_dw_s": t["with_dw"]["median_s"], "load": _load(t)} for m, t in floors.items()}
 
@@ -177,6 +178,15 @@ def markdown(doc: dict, a: dict) -> str:
             lines += ["", f"GEMM floor (the adapted linears' GEMMs alone, load {floor['load']}): forward + dX {floor['dense_s']:.3f} s; "
                       f"with the weight-gradient GEMM dYᵀX {floor['with_dw_s']:.3f} s (+{floor['with_dw_s'] - floor['dense_s']:.3f} s a step, "
                       "paid by full fine-tuning and RLRR, not by LoRA)."]
+    for model, work in a["own_work"].items():
+        lines += ["", f"## RLRR's own work per step, {MODEL_NAMES.get(model, model)} (load {_load(work)}, {work['rounds']} rounds after {work['warmup']} warm-up)", "",
+                  "Time inside the training kernels (W' in forward; W' and the scale gradients in backward), every adapted linear, "
+                  "one step; the two paths stepped in turn.", "",
+                  "| path | kernels ms / step | step s | share of the step |", "|---|---:|---:|---:|"]
+        for name, r in work["variants"].items():
+            lines.append(f"| {NAMES.get(name, name)} | {1e3 * r['median_kernel_s']:.1f} | {r['median_s']:.3f} | {100 * r['share']:.1f} % |")
+        if work.get("native_failed"):
+            lines.append(f"\nThe native loops could not be built, so both rows ran op by op: {work['native_failed']}")
     for kind, title in (("inference", "Inference latency, PyTorch eager, no_grad"), ("onnx", "Inference latency, onnxruntime")):
         for model, inf in a[kind].items():
             lines += ["", f"## {title}, {MODEL_NAMES.get(model, model)} (load {inf['load']})", "",

@@ -61,6 +61,7 @@ def cpu_plan(args: argparse.Namespace) -> list[dict]:
         small = model == SMALL  # the ablations and the longer inference series: on ViT-S/16 only, whatever part of a run this is
         variants = MAIN + (ABLATIONS if small else [])
         tasks.append({"task": "train_timing", "model": model, "variants": variants + ["dense_floor"], "rounds": 10, "warmup": 2})
+        tasks.append({"task": "own_work", "model": model, "rounds": 6, "warmup": 2})
         tasks += [{"task": "train_memory", "model": model, "variant": v, "steps": 2} for v in variants if v not in NO_MEMORY]
         tasks.append({"task": "gemm_floor", "model": model, "rounds": 3, "warmup": 1})
         # one call varies by ±10 % here even when idle: ratios need a few dozen rounds to settle within ±3 %

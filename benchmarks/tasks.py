@@ -1,6 +1,7 @@
 """What one worker process measures. Each task returns a JSON-able dict; `benchmarks.worker` runs one.
 
 - `train_timing`: every training variant of one model in one process, steps interleaved.
+- `own_work`: the time inside RLRR's training kernels per step, native loops vs op by op.
 - `train_memory`: one variant only, so the process's peak RSS is that variant's.
 - `gemm_floor`: the adapted linears' GEMMs alone, with and without the weight-gradient GEMM.
 - `inference`: base, RLRR unmerged (eval, cached W'), the same recomputing W' per call, folded.
@@ -105,6 +106,57 @@ def train_timing(model: str, variants: list[str], rounds: int, warmup: int, devi
             "faults_per_step": M.median(t.faults[warmup:]),
         }
     return out
+
+
+def own_work(model: str, rounds: int, warmup: int, device: str | None = None, batch: int = BATCH) -> dict:
+    """RLRR's own work per step: the time inside its training kernels (W' and the scale gradients).
+
+    The native loops ("rlrr") and op by op ("rlrr_eager"), stepped in turn as in `train_timing`;
+    each kernel call is timed, so this isolates what the step ratios measure through the noise of
+    a whole step. The Function's other Python (a few µs a call) and the GEMMs are outside it.
+    """
+    from adapters import EAGER, NATIVE  # reason: the kernels to clock; only this task wraps them
+
+    dev = M.device(device)
+    trainers = {v: _trainer(model, v, dev, batch, None) for v in ("rlrr", "rlrr_eager")}
+    spent: dict[str, list[float]] = {v: [] for v in trainers}
+    inside = [0.0]
+
+    def step(variant: str) -> None:
+        before = inside[0]
+        trainers[variant].step()
+        spent[variant].append(inside[0] - before)
+
+    load_before = M.load()
+    clocked = [(kernels, name) for kernels in (NATIVE, EAGER) for name in ("weight", "weight_and_grads")]
+    for kernels, name in clocked:  # on the instances, so the class's methods come back afterwards
+        setattr(kernels, name, _clocked(getattr(kernels, name), inside))
+    try:
+        times = M.interleaved({v: (lambda v=v: step(v)) for v in trainers}, rounds, warmup, dev)
+    finally:
+        for kernels, name in clocked:
+            delattr(kernels, name)
+    out = {"model": model, "device": str(dev), "batch": batch, "rounds": rounds, "warmup": warmup, "load_before": load_before,
+           "load_after": M.load(), "native_failed": NATIVE.failed, "variants": {}}
+    for v in trainers:
+        kernel = spent[v][warmup:]
+        out["variants"][v] = {"kernel_s": kernel, "wall": times[v]["wall"], "median_kernel_s": M.median(kernel),
+                              "median_s": M.median(times[v]["wall"]),
+                              "share": M.median([k / w for k, w in zip(kernel, times[v]["wall"])])}
+    return out
+
+
+def _clocked(fn, total: list[float]):
+    """`fn`, adding the seconds each call takes to total[0]."""
+
+    def clocked(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            total[0] += time.perf_counter() - t
+
+    return clocked
 
 
 def train_memory(model: str, variant: str, steps: int, device: str | None = None, batch: int = BATCH, amp: str | None = None) -> dict:
@@ -315,4 +367,4 @@ def big_onnx(model: str) -> dict:
     return out
 
 
-TASKS = {f.__name__: f for f in (train_timing, train_memory, gemm_floor, inference, onnx, big_apply_fold, big_onnx)}
+TASKS = {f.__name__: f for f in (train_timing, own_work, train_memory, gemm_floor, inference, onnx, big_apply_fold, big_onnx)}

@@ -177,3 +177,13 @@ def test_compare_puts_two_runs_side_by_side(committed):
     rows = compare(committed, committed).splitlines()[2:]
     assert rows and all(r.endswith("| yes |") for r in rows)
     assert any("| floor |" in r for r in rows)
+
+
+def test_own_work_clocks_the_native_and_op_by_op_kernels():
+    """The `own_work` task at CI size: both paths ran their kernels, the native loops were built."""
+    from benchmarks.tasks import own_work
+
+    out = own_work("vit_t16_32", rounds=1, warmup=1, batch=2)
+    assert out["native_failed"] is None and set(out["variants"]) == {"rlrr", "rlrr_eager"}
+    for r in out["variants"].values():
+        assert 0 < r["median_kernel_s"] < r["median_s"] and 0 < r["share"] < 1

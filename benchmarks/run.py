@@ -2,7 +2,7 @@
 
 Runs every measurement in its own worker process (benchmarks/worker.py), then writes
 `results/benchmark.json`, `results/benchmark.md` and `results/benchmark.png` (benchmarks/report.py).
-The default run (ViT-S/16, ViT-B/16, ViT-H/14 apply/fold/ONNX) takes about 45 minutes on 2
+The default run (ViT-S/16, ViT-B/16, ViT-H/14 apply/fold/ONNX) takes about an hour on 2
 cores; `--quick` (ViT-S/16 only) about 12. `--tasks` and `--append` take one run in parts.
 """
 

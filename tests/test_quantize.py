@@ -137,14 +137,17 @@ def sensitive_vit() -> nn.Module:
 
 
 def test_a_sensitive_layer_fails_int8_is_named_and_keep_fp32_restores_agreement(tmp_path):
+    # tolerance 0.2: INT8's error on an ordinary layer depends on the CPU's integer instructions
+    # (under 0.1 with AVX512-VNNI, 0.10-0.11 here on an AVX2 EPYC); the sensitive layer's is ~0.8.
     with pytest.raises(VerificationError, match=r"agreement .* < min agreement 90.00%; first divergence: blocks\.1\.mlp\.fc2") as info:
-        export_onnx(sensitive_vit(), tmp_path / "s.onnx", input_shape=(3, 32, 32), min_agreement=0.9, **INT8)
+        export_onnx(sensitive_vit(), tmp_path / "s.onnx", input_shape=(3, 32, 32), min_agreement=0.9, tolerance=0.2, **INT8)
     report = info.value.report
     first = report.divergence[0]
-    assert first["module"] == "blocks.1.mlp.fc2" and first["max_rel"] > 0.3 and first["tolerance"] == 0.1
+    assert first["module"] == "blocks.1.mlp.fc2" and first["max_rel"] > 0.3 and first["tolerance"] == 0.2
     assert all(d["module"] not in ("blocks.0.mlp.fc2", "blocks.1.mlp.fc1") for d in report.divergence)  # nothing before it departs
     assert "try --keep-fp32 blocks.1.mlp.fc2" in report.table() and list(tmp_path.iterdir()) == []
-    kept = export_onnx(sensitive_vit(), tmp_path / "k.onnx", input_shape=(3, 32, 32), min_agreement=0.9, keep_fp32=["blocks.1.mlp.fc2"], **INT8)
+    kept = export_onnx(sensitive_vit(), tmp_path / "k.onnx", input_shape=(3, 32, 32), min_agreement=0.9, tolerance=0.2,
+                       keep_fp32=["blocks.1.mlp.fc2"], **INT8)
     assert kept.passed and kept.agreement["top1"] > report.agreement["top1"] + 0.2
     assert kept.quantization["keep_fp32"] == ["blocks.1.mlp.fc2"] and kept.quantization["nodes_kept_fp32"] >= 2
 

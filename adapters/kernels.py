@@ -81,7 +81,7 @@ class EagerKernels:
 
     def weight(self, adapter: LinearRescale, weight: Tensor, dtype: torch.dtype | None = None) -> Tensor:
         """W' for a forward without a graph, computed in W's dtype, handed out in `dtype` (autocast's)."""
-        return _cast(_weight_and_m(adapter, weight)[0], dtype)
+        return _cast(_weight_and_m(adapter, weight, *_scales(adapter))[0], dtype)
 
     def weight_and_grads(self, adapter: LinearRescale, weight: Tensor, dw: Tensor, wanted: Sequence[Tensor],
                          create: bool, dtype: torch.dtype | None = None) -> tuple[Tensor, list[Tensor | None]]:
@@ -92,8 +92,8 @@ class EagerKernels:
         """
         if create:
             return _autograd_weight_and_grads(adapter, weight, dw, wanted, dtype)
-        w, m = _weight_and_m(adapter, weight)
         s_left, s_right = _scales(adapter)
+        w, m = _weight_and_m(adapter, weight, s_left, s_right)
         with_weight = any(t is weight for t in wanted)
         dm, d_weight = rescale_vjp(dw.to(w.dtype), weight, m, adapter.scaling, weight_grad=with_weight)
         d_left, d_right = scale_matrix_vjp(dm, s_left, s_right)
@@ -101,9 +101,8 @@ class EagerKernels:
         return _cast(w, dtype), [found.get(id(t)) for t in wanted]
 
 
-def _weight_and_m(adapter: LinearRescale, weight: Tensor) -> tuple[Tensor, Tensor]:
-    """(W', M) in W's dtype, in this thread's buffers on CPU (valid until the next call)."""
-    s_left, s_right = _scales(adapter)
+def _weight_and_m(adapter: LinearRescale, weight: Tensor, s_left: Tensor | None, s_right: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(W', M) from the adapter's scales, in W's dtype, in this thread's buffers on CPU (valid until the next call)."""
     m_out = BUFFERS.get("m", weight.shape, weight) if s_left is not None and s_right is not None else None
     return type(adapter).weight_and_m_from(weight, s_left, s_right, adapter.scaling, out=BUFFERS.get("w", weight.shape, weight), m_out=m_out)
 

@@ -126,7 +126,7 @@ def test_fused_function_gradcheck(scaling: Scaling, rank: int, chunks: int, bias
 
 
 @pytest.mark.parametrize("scaling,rank,chunks", [(Scaling(), 1, 3), (Scaling(), 2, 1), (Scaling("right", residual=False), 1, 1)], ids=["r1c3", "r2", "right-nores"])
-def test_fused_function_double_backward(scaling: Scaling, rank: int, chunks: int) -> None:
+def test_fused_function_double_backward(scaling: Scaling, rank: int, chunks: int, kernels=None) -> None:
     """backward(create_graph=True), e.g. a gradient penalty, differentiates the backward itself."""
     g = torch.Generator().manual_seed(11)
     weight = nn.Parameter(torch.randn(6, 4, generator=g, dtype=F64), requires_grad=False)
@@ -137,16 +137,16 @@ def test_fused_function_double_backward(scaling: Scaling, rank: int, chunks: int
     bias = nn.Parameter(torch.randn(6, generator=g, dtype=F64), requires_grad=False)
     params = list(adapter.parameters())
     x = torch.randn(3, 4, generator=g, dtype=F64, requires_grad=True)
-    assert torch.autograd.gradgradcheck(lambda x, *ps: RecomputedLinear.apply(x, weight, bias, adapter, True, None, *params), (x, *params), eps=1e-6, atol=1e-7)
+    assert torch.autograd.gradgradcheck(lambda x, *ps: RecomputedLinear.apply(x, weight, bias, adapter, True, kernels, *params), (x, *params), eps=1e-6, atol=1e-7)
 
 
-def test_fused_function_gradient_of_an_unfrozen_base_weight() -> None:
+def test_fused_function_gradient_of_an_unfrozen_base_weight(kernels=None) -> None:
     g = torch.Generator().manual_seed(3)
     weight = nn.Parameter(torch.randn(6, 4, generator=g, dtype=F64))  # the user unfroze W: dW = dW' ⊙ (1 + M)
     adapter = LinearRescale(weight, chunks=3)
     params = list(adapter.parameters())
     x = torch.randn(5, 4, generator=g, dtype=F64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, w, *ps: RecomputedLinear.apply(x, w, None, adapter, False, None, *params), (x, weight, *params), eps=1e-6, atol=1e-8)
+    assert torch.autograd.gradcheck(lambda x, w, *ps: RecomputedLinear.apply(x, w, None, adapter, False, kernels, *params), (x, weight, *params), eps=1e-6, atol=1e-8)
 
 
 def test_apply_installs_the_fused_forward_on_plain_linears_only() -> None:
@@ -344,12 +344,7 @@ def test_compiled_kernels_gradcheck(scaling: Scaling, rank: int, chunks: int) ->
 def test_compiled_kernels_gradient_of_an_unfrozen_base_weight() -> None:
     backend = CountingBackend()
     kernels = CompiledKernels(backend)
-    g = torch.Generator().manual_seed(3)
-    weight = nn.Parameter(torch.randn(6, 4, generator=g, dtype=F64))
-    adapter = LinearRescale(weight, chunks=3)
-    params = list(adapter.parameters())
-    x = torch.randn(5, 4, generator=g, dtype=F64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, w, *ps: RecomputedLinear.apply(x, w, None, adapter, False, kernels, *params), (x, weight, *params), eps=1e-6, atol=1e-8)
+    test_fused_function_gradient_of_an_unfrozen_base_weight(kernels)
     assert backend.graphs == 2 and kernels.failed is None
 
 
@@ -423,13 +418,8 @@ def test_native_loops_take_only_the_paper_form() -> None:
     for scaling in (Scaling("left"), Scaling(residual=False), Scaling(lowrank=True)):
         test_fused_function_gradcheck(scaling, 1, 3, "adapted", kernels=kernels)
     assert kernels.loops == 0
-    g = torch.Generator().manual_seed(3)
-    weight = nn.Parameter(torch.randn(6, 4, generator=g, dtype=F64))
-    adapter = LinearRescale(weight, chunks=3)
-    params = list(adapter.parameters())
-    x = torch.randn(5, 4, generator=g, dtype=F64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, w, *ps: RecomputedLinear.apply(x, w, None, adapter, False, kernels, *params), (x, weight, *params), eps=1e-6, atol=1e-8)
-    assert torch.autograd.gradgradcheck(lambda x, *ps: RecomputedLinear.apply(x, weight.detach(), None, adapter, False, kernels, *params), (x, *params), eps=1e-6, atol=1e-7)
+    test_fused_function_gradient_of_an_unfrozen_base_weight(kernels)  # (W' in forward may take the loop; dW may not)
+    test_fused_function_double_backward(Scaling(), 1, 3, kernels)
 
 
 def test_native_build_failure_falls_back_to_op_by_op_with_one_warning(monkeypatch) -> None:

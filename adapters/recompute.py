@@ -15,6 +15,8 @@ This module is the math only; `rlrr` decides when a layer takes this path (rlrr/
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -39,7 +41,7 @@ class RecomputedLinear(torch.autograd.Function):
         device = x.device.type
         amp = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         ctx.adapter, ctx.bias_adapted, ctx.kernels, ctx.amp, ctx.x_dtype = adapter, bias_adapted, kernels, amp, x.dtype
-        with torch.autocast(device, enabled=False):  # the formula in W's dtype; the casts are explicit
+        with _no_autocast(device, amp is not None):  # the formula in W's dtype; the casts are explicit
             b = adapter.effective_bias(bias) if bias_adapted else bias
             x_in = x if amp is None else x.to(amp)
             ctx.save_for_backward(x_in, weight, bias, *params)  # params too: autograd checks their versions
@@ -48,8 +50,14 @@ class RecomputedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: Tensor):
         x, weight, bias, *params = ctx.saved_tensors
-        with torch.autocast(dy.device.type, enabled=False):
+        device = dy.device.type
+        with _no_autocast(device, torch.is_autocast_enabled(device)):
             return _backward(ctx, dy, x, weight, bias, params)
+
+
+def _no_autocast(device: str, enabled: bool):
+    """Autocast off inside the Function; no context at all when it is already off (most calls, a few µs each)."""
+    return torch.autocast(device, enabled=False) if enabled else nullcontext()
 
 
 def _backward(ctx, dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, params: list[Tensor]) -> tuple:

@@ -61,6 +61,8 @@ def cpu_plan(args: argparse.Namespace) -> list[dict]:
         small = model == SMALL  # the ablations and the longer inference series: on ViT-S/16 only, whatever part of a run this is
         variants = MAIN + (ABLATIONS if small else [])
         tasks.append({"task": "train_timing", "model": model, "variants": variants + ["dense_floor"], "rounds": 10, "warmup": 2})
+        # the targets' ratios: three variants alone, rounds enough for a median good to about ±2 % (tasks.floor_ratio)
+        tasks.append({"task": "floor_ratio", "model": model, "rounds": 16 if quick else (40 if small else 20), "warmup": 2})
         tasks.append({"task": "own_work", "model": model, "rounds": 6, "warmup": 2})
         tasks += [{"task": "train_memory", "model": model, "variant": v, "steps": 2} for v in variants if v not in NO_MEMORY]
         tasks.append({"task": "gemm_floor", "model": model, "rounds": 3, "warmup": 1})
@@ -142,7 +144,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch and onnxruntime threads per worker (default: 2 on CPU, all on cuda)")
     p.add_argument("--out", type=Path, default=None, help="folder for benchmark.{json,md,png} (default: benchmarks/results, or results/<device> for --device cuda)")
     p.add_argument("--tasks", type=lambda s: s.split(","), default=None,
-                   help="comma-separated task names to run (train_timing,train_memory,gemm_floor,inference,onnx,big_apply_fold,big_onnx)")
+                   help="comma-separated task names to run (train_timing,floor_ratio,own_work,train_memory,gemm_floor,inference,onnx,big_apply_fold,big_onnx)")
     p.add_argument("--append", action="store_true",
                    help="add to the results already in --out (a task run again replaces its earlier result): one run in parts")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per worker process")

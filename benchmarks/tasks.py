@@ -1,6 +1,7 @@
 """What one worker process measures. Each task returns a JSON-able dict; `benchmarks.worker` runs one.
 
 - `train_timing`: every training variant of one model in one process, steps interleaved.
+- `floor_ratio`: the target rows' three variants (the floor, full fine-tuning, RLRR) alone, many rounds.
 - `own_work`: the time inside RLRR's training kernels per step, native loops vs op by op.
 - `train_memory`: one variant only, so the process's peak RSS is that variant's.
 - `gemm_floor`: the adapted linears' GEMMs alone, with and without the weight-gradient GEMM.
@@ -106,6 +107,22 @@ def train_timing(model: str, variants: list[str], rounds: int, warmup: int, devi
             "faults_per_step": M.median(t.faults[warmup:]),
         }
     return out
+
+
+#: The variants behind the step-time targets: the floor, full fine-tuning and RLRR.
+FLOOR_VARIANTS = ["full_fwd_bwd", "full", "rlrr"]
+
+
+def floor_ratio(model: str, rounds: int, warmup: int, device: str | None = None, batch: int = BATCH, amp: str | None = None) -> dict:
+    """`train_timing` of the floor, full fine-tuning and RLRR alone, for many rounds.
+
+    A round is then three steps instead of a dozen, so forty fit where ten did. On a machine whose
+    speed wanders by ±16 % from one second to the next (a steady GEMM, measured on the 2-core VM
+    of the committed results), one paired ratio varies by about ±10 %, and a median of n of them
+    by about 13 %/√n: ±4 % at ten rounds, ±2 % at forty. The step-time targets against the floor
+    and full fine-tuning take their ratios from here when it ran.
+    """
+    return train_timing(model, FLOOR_VARIANTS, rounds, warmup, device, batch, amp)
 
 
 def own_work(model: str, rounds: int, warmup: int, device: str | None = None, batch: int = BATCH) -> dict:
@@ -367,4 +384,4 @@ def big_onnx(model: str) -> dict:
     return out
 
 
-TASKS = {f.__name__: f for f in (train_timing, own_work, train_memory, gemm_floor, inference, onnx, big_apply_fold, big_onnx)}
+TASKS = {f.__name__: f for f in (train_timing, floor_ratio, own_work, train_memory, gemm_floor, inference, onnx, big_apply_fold, big_onnx)}

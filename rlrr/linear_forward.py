@@ -54,7 +54,7 @@ def linear_forward(self: nn.Linear, x: Tensor) -> Tensor:
     found = _recompute_inputs(self) if _recompute_now(x) else None
     if found is not None:
         weight, bias, adapter, bias_adapted = found
-        params = list(adapter.parameters(recurse=False))
+        params = tuple(p for p in adapter._parameters.values() if p is not None)  # parameters(recurse=False), without its generator chain
         tensors = (x, weight, bias, *params)
         if all(_plain(t) for t in tensors[1:]) and any(t is not None and t.requires_grad for t in tensors):
             adapter.clear_cache()  # grad is on: an eval-mode cache must not outlive it

@@ -132,7 +132,8 @@ def median(xs: Sequence[float]) -> float:
 def paired_ratio(num: Sequence[float], den: Sequence[float]) -> dict[str, float]:
     """Median, min and max over rounds of num[i] / den[i] (both measured in the same round)."""
     ratios = sorted(a / b for a, b in zip(num, den))
-    return {"median": statistics.median(ratios), "min": ratios[0], "max": ratios[-1], "n": len(ratios)}
+    q25, _, q75 = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
+    return {"median": statistics.median(ratios), "min": ratios[0], "max": ratios[-1], "q25": q25, "q75": q75, "n": len(ratios)}
 
 
 def _cpu_model() -> str:

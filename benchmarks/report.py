@@ -49,21 +49,34 @@ def _load(t: dict) -> str:
     return f"{a[0]:.1f}" + (f"→{b[0]:.1f}" if b else "")
 
 
+def _timing(t: dict) -> dict:
+    """A `train_timing` (or `floor_ratio`) task's rows: medians, phases, and each variant's paired ratios to the references."""
+    v = t["variants"]
+    rows = {}
+    for name, r in v.items():
+        rows[name] = {"median_s": r["median_s"], "median_cpu_s": r["median_cpu_s"], "phases_s": r["phases_s"], "trainable_params": r["trainable_params"],
+                      "faults_per_step": r.get("faults_per_step")}
+        for ref in ("lora_r8", "full", "full_fwd_bwd"):
+            if ref in v:
+                rows[name][f"x_{ref}"] = M.paired_ratio(r["wall"], v[ref]["wall"])
+                rows[name][f"x_{ref}_cpu"] = M.paired_ratio(r["cpu"], v[ref]["cpu"])
+    return {"rows": rows, "load": _load(t), "rounds": t["rounds"], "warmup": t["warmup"], "batch": t.get("batch", 8),
+            "amp": t.get("amp"), "device": t.get("device", "cpu")}
+
+
+def _source(a: dict, model: str, ref: str) -> dict | None:
+    """The timing whose ratio to `ref` the targets use: `floor_ratio` (many rounds) for the floor and full FT when it ran."""
+    focused = a["floor"].get(model)
+    if focused and ref in ("full_fwd_bwd", "full") and f"x_{ref}" in focused["rows"].get("rlrr", {}):
+        return focused
+    return a["training"].get(model)
+
+
 def analyse(doc: dict) -> dict:
     """Ratios against each target, per model, from the raw rounds."""
-    out: dict = {"training": {}, "memory": {}, "inference": {}, "onnx": {}, "big": {}, "targets": []}
-    for t in _tasks(doc, "train_timing"):
-        v = t["variants"]
-        rows = {}
-        for name, r in v.items():
-            rows[name] = {"median_s": r["median_s"], "median_cpu_s": r["median_cpu_s"], "phases_s": r["phases_s"], "trainable_params": r["trainable_params"],
-                          "faults_per_step": r.get("faults_per_step")}
-            for ref in ("lora_r8", "full", "full_fwd_bwd"):
-                if ref in v:
-                    rows[name][f"x_{ref}"] = M.paired_ratio(r["wall"], v[ref]["wall"])
-                    rows[name][f"x_{ref}_cpu"] = M.paired_ratio(r["cpu"], v[ref]["cpu"])
-        out["training"][t["model"]] = {"rows": rows, "load": _load(t), "rounds": t["rounds"], "warmup": t["warmup"], "batch": t.get("batch", 8),
-                                       "amp": t.get("amp"), "device": t.get("device", "cpu")}
+    out: dict = {"training": {}, "floor": {}, "memory": {}, "inference": {}, "onnx": {}, "big": {}, "targets": []}
+    for kind, task in (("training", "train_timing"), ("floor", "floor_ratio")):
+        out[kind] = {t["model"]: _timing(t) for t in _tasks(doc, task)}
     for t in _tasks(doc, "train_memory"):
         row = {k: t[k] for k in ("peak_rss_mib", "growth_mib", "rss_built_mib", "saved_mib") if k in t} | {"load": _load(t)}
         if "cuda_peak_mib" in t:  # on a GPU the peak that matters is the device's
@@ -86,27 +99,31 @@ def analyse(doc: dict) -> dict:
         bound = f"≤ {high}" if low is None else f"{low}–{high}"
         out["targets"].append({"target": what, "measured": value, "bound": bound, "met": met, "detail": detail})
 
-    for model, tr in out["training"].items():
+    for model in {**out["training"], **out["floor"]}:
+        tr = out["training"].get(model, {"rows": {}})
         rows = tr["rows"]
-        r = rows.get("rlrr")
         name = MODEL_NAMES.get(model, model)
         floor = out["gemm_floor"].get(model)
         bounds = {}
         if "dense_floor" in rows and floor and "lora_r8" in rows:  # RLRR ≥ dX-only backward + the dW GEMMs
             bounds["lora_r8"] = (rows["dense_floor"]["median_s"] + floor["with_dw_s"] - floor["dense_s"]) / rows["lora_r8"]["median_s"]
-        if "x_full" in rows.get("full_fwd_bwd", {}):  # RLRR ≥ full fine-tuning's forward + backward (same GEMMs): measured, paired
-            bounds["full"] = rows["full_fwd_bwd"]["x_full"]["median"]
+        full_rows = (_source(out, model, "full") or tr)["rows"]
+        if "x_full" in full_rows.get("full_fwd_bwd", {}):  # RLRR ≥ full fine-tuning's forward + backward (same GEMMs): measured, paired
+            bounds["full"] = full_rows["full_fwd_bwd"]["x_full"]["median"]
         elif "full" in rows:  # older results: full fine-tuning's own phases
             ph = rows["full"]["phases_s"]
             bounds["full"] = (ph["forward"] + ph["backward"]) / sum(ph.values())
         tr["bounds"] = bounds
         for ref, label, high in (("full_fwd_bwd", "full FT forward + backward (the floor)", 1.06), ("full", "full fine-tuning", 0.99),
                                  ("lora_r8", "PEFT LoRA r=8", 1.05)):
+            source = _source(out, model, ref) or tr
+            r = source["rows"].get("rlrr")
             if r and f"x_{ref}" in r:
                 bound = f"; lower bound by arithmetic {bounds[ref]:.3f}" if ref in bounds else ""
                 stretch = "; stretch ≤ 1.03" if ref == "full_fwd_bwd" else ""
+                alone = f"; {source['rounds']} rounds of the floor, full FT and RLRR alone" if source is out["floor"].get(model) else ""
                 target(f"{name} training step, RLRR / {label}", r[f"x_{ref}"]["median"], None, high,
-                       _ratio(r[f"x_{ref}"]) + f"; CPU time {r[f'x_{ref}_cpu']['median']:.3f}" + bound + stretch)
+                       _ratio(r[f"x_{ref}"]) + f"; CPU time {r[f'x_{ref}_cpu']['median']:.3f}" + bound + stretch + alone)
     for model, mem in out["memory"].items():
         if "rlrr" in mem and "lora_r8" in mem:
             name = MODEL_NAMES.get(model, model)
@@ -159,6 +176,17 @@ def markdown(doc: dict, a: dict) -> str:
     for t in a["targets"]:
         met = "n/a" if t["met"] is None else ("yes" if t["met"] else "**no**")
         lines.append(f"| {t['target']} | {t['measured']:.3f} | {t['bound']} | {met} | {t['detail']} |")
+    for model, fl in a["floor"].items():
+        lines += ["", f"## RLRR at the floor, {MODEL_NAMES.get(model, model)} ({fl['device']}, batch {fl['batch']}; load {fl['load']}, "
+                  f"{fl['rounds']} rounds after {fl['warmup']} warm-up)", "",
+                  "The step-time targets' ratios: the floor, full fine-tuning and RLRR alone in one process, stepped in turn (task `floor_ratio`); "
+                  "each ratio as median [min–max] and, after it, the middle half of the rounds.", "",
+                  "| variant | step s | CPU s | × floor | × full FT | fwd / bwd / opt s |", "|---|---:|---:|---|---|---|"]
+        for name, r in fl["rows"].items():
+            ph = r["phases_s"]
+            ratios = " | ".join(f"{_ratio(r[k])}, {r[k]['q25']:.3f}–{r[k]['q75']:.3f}" for k in ("x_full_fwd_bwd", "x_full"))
+            lines.append(f"| {NAMES.get(name, name)} | {r['median_s']:.3f} | {r['median_cpu_s']:.2f} | {ratios} | "
+                         f"{ph['forward']:.2f} / {ph['backward']:.2f} / {ph['optimizer']:.3f} |")
     for model, tr in a["training"].items():
         mem = a["memory"].get(model, {})
         setup = f"{tr['device']}, batch {tr['batch']}, {tr['amp'] + ' autocast' if tr['amp'] else 'fp32'}"
@@ -314,9 +342,10 @@ def write_reports(doc: dict, out: Path) -> dict[str, str]:
 def _timing_ratios(doc: dict) -> dict[tuple[str, str], dict]:
     """(model, row) -> the paired ratio of RLRR's step to each reference, from the raw rounds."""
     out = {}
-    for model, tr in analyse(doc)["training"].items():
-        r = tr["rows"].get("rlrr", {})
+    a = analyse(doc)
+    for model in {**a["training"], **a["floor"]}:
         for ref in ("full_fwd_bwd", "full", "lora_r8"):
+            r = (_source(a, model, ref) or {"rows": {}})["rows"].get("rlrr", {})
             if f"x_{ref}" in r:
                 out[(model, ref)] = r[f"x_{ref}"]
     return out

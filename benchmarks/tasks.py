@@ -116,11 +116,11 @@ FLOOR_VARIANTS = ["full_fwd_bwd", "full", "rlrr"]
 def floor_ratio(model: str, rounds: int, warmup: int, device: str | None = None, batch: int = BATCH, amp: str | None = None) -> dict:
     """`train_timing` of the floor, full fine-tuning and RLRR alone, for many rounds.
 
-    A round is then three steps instead of a dozen, so forty fit where ten did. On a machine whose
-    speed wanders by ±16 % from one second to the next (a steady GEMM, measured on the 2-core VM
-    of the committed results), one paired ratio varies by about ±10 %, and a median of n of them
-    by about 13 %/√n: ±4 % at ten rounds, ±2 % at forty. The step-time targets against the floor
-    and full fine-tuning take their ratios from here when it ran.
+    A round is then three steps instead of a dozen, so sixty fit where ten did. On the 2-core VM of
+    the committed results a steady GEMM's speed wanders by ±16 % from one second to the next, and
+    the middle half of RLRR's per-round ratios to the floor spans about 0.13 (ViT-S, 60 rounds):
+    a median of ten such ratios is good to about ±4 %, of sixty to about ±1.6 % (1.25 σ/√n). The
+    step-time targets against the floor and full fine-tuning take their ratios from here when it ran.
     """
     return train_timing(model, FLOOR_VARIANTS, rounds, warmup, device, batch, amp)
 

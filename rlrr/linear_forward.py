@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from adapters import EAGER, BiasOf, LinearRescale, RecomputedLinear, compiled_kernels
+from rlrr.errors import ConfigError
 from rlrr.rewrite import user_class
 
 #: The class attribute that names a module's kernels for the recompute path (absent: eager).
@@ -79,6 +80,11 @@ def set_recompute(model: nn.Module, enabled: bool = True, *, compile: bool | str
     backend (tests use "aot_eager": traced, no code generated). Each module's class is its own, so
     other models are not affected.
     """
+    for name, value in (("enabled", enabled), ("native", native)):
+        if not isinstance(value, bool):
+            raise ConfigError(f"set_recompute: {name} must be True or False, got {value!r}")
+    if not (isinstance(compile, (bool, str)) or callable(compile)):
+        raise ConfigError(f"set_recompute: compile must be a bool, a torch.compile backend name or a backend callable, got {compile!r}")
     kernels = compiled_kernels("inductor" if compile is True else compile) if compile else (None if native else EAGER)
     for m in model.modules():
         cls = type(m)

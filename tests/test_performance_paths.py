@@ -448,6 +448,17 @@ def test_set_recompute_native_false_keeps_to_op_by_op() -> None:
     assert not any(KERNELS in type(m).__dict__ for m in model.modules())
 
 
+@pytest.mark.parametrize("kwargs", [{"enabled": "no"}, {"native": 0}, {"native": None}, {"compile": 3}])
+def test_set_recompute_refuses_options_that_are_not_what_it_takes(kwargs) -> None:
+    """A truthy string or a number must not silently pick a path: a ConfigError, and the model untouched."""
+    model = block()
+    before = {type(m): dict(type(m).__dict__) for m in model.modules()}
+    enabled = kwargs.pop("enabled", True)
+    with pytest.raises(rlrr.ConfigError, match="set_recompute"):
+        rlrr.set_recompute(model, enabled, **kwargs)
+    assert {type(m): dict(type(m).__dict__) for m in model.modules()} == before
+
+
 def test_compiled_model_equals_parametrize_path() -> None:
     backend = CountingBackend()
     compiled_model, plain = rlrr.set_recompute(block(), True, compile=backend), without_recompute(block())

@@ -2,8 +2,8 @@
 
 Runs every measurement in its own worker process (benchmarks/worker.py), then writes
 `results/benchmark.json`, `results/benchmark.md` and `results/benchmark.png` (benchmarks/report.py).
-The default run (ViT-S/16, ViT-B/16, ViT-H/14 apply/fold/ONNX) takes about an hour on 2
-cores; `--quick` (ViT-S/16 only) about 12. `--tasks` and `--append` take one run in parts.
+The default run (ViT-S/16, ViT-B/16, ViT-H/14 apply/fold/ONNX) takes about an hour and a half on 2
+cores; `--quick` (ViT-S/16 only) about 15. `--tasks` and `--append` take one run in parts.
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ def merge(old: dict, new: dict) -> dict:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="ViT-S/16 only, fewer inference rounds (about 8 minutes)")
+    p.add_argument("--quick", action="store_true", help="ViT-S/16 only, fewer rounds (about 15 minutes)")
     p.add_argument("--models", type=lambda s: [m for m in s.split(",") if m], default=["vit_s16", "vit_b16"], help="comma-separated: vit_s16,vit_b16")
     p.add_argument("--big", default="vit_h14", help="model for the apply/fold/ONNX-export rows ('' to skip)")
     p.add_argument("--skip-big-onnx", action="store_true", help="skip the big model's ONNX export (minutes, GBs)")

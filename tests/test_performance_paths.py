@@ -453,6 +453,7 @@ def test_set_recompute_refuses_options_that_are_not_what_it_takes(kwargs) -> Non
     """A truthy string or a number must not silently pick a path: a ConfigError, and the model untouched."""
     model = block()
     before = {type(m): dict(type(m).__dict__) for m in model.modules()}
+    kwargs = dict(kwargs)  # (the parameter's dict is shared between runs)
     enabled = kwargs.pop("enabled", True)
     with pytest.raises(rlrr.ConfigError, match="set_recompute"):
         rlrr.set_recompute(model, enabled, **kwargs)

@@ -278,7 +278,7 @@ def chart(a: dict, path: Path) -> None:
         ax.axhline(1.05, color="k", ls="--", lw=1, label="target: 1.05× LoRA")
         ax.set_ylabel("step time / PEFT LoRA r=8 (per-round ratio: median, min–max)")
     ax.set_xticks([j + width * (len(models) - 1) / 2 for j in range(len(variants))], [_short(v) for v in variants], rotation=25, ha="right", fontsize=8)
-    ax.set_title("Training step (AdamW)")
+    ax.set_title("Training step (AdamW), every variant" + ("; the targets' ratios: floor_ratio, in benchmark.md" if a["floor"] else ""), fontsize=10)
     ax.legend(fontsize=8)
 
     ax = axes[0, 1]
@@ -290,7 +290,8 @@ def chart(a: dict, path: Path) -> None:
     ax.set_xticks([j + width * (len(mem_models) - 1) / 2 for j in range(len(variants))], [_short(v) for v in variants], rotation=25, ha="right", fontsize=8)
     ax.set_ylabel("peak RSS of a process training only that variant (MiB)")
     ax.set_title("Peak training memory")
-    ax.legend(fontsize=8)
+    if mem_models:  # (a run in parts may have no memory rows: no legend to draw)
+        ax.legend(fontsize=8)
 
     ax = axes[1, 0]
     labels, vals, errs = [], [], [[], []]

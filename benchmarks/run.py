@@ -151,7 +151,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--in-process", action="store_true", help="run the tasks in this process (a quick functional check; memory figures are then the run's)")
     p.add_argument("--quiet-load", type=float, default=None, help="before each task, wait until the 1-minute load average is below this")
     p.add_argument("--quiet-wait", type=float, default=300, help="give up waiting for --quiet-load after this many seconds")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    from benchmarks.tasks import TASKS  # reason: the names a run may ask for; heavy imports, after --help
+    from benchmarks.variants import MODELS
+
+    for option, given, known in (("--tasks", args.tasks or [], TASKS), ("--models", args.models, MODELS), ("--big", [args.big] if args.big else [], MODELS)):
+        unknown = [name for name in given if name not in known]
+        if unknown:  # a typo must not run nothing and overwrite the results in --out
+            p.error(f"{option}: unknown {', '.join(map(repr, unknown))}; known: {', '.join(known)}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or (RESULTS if args.device == "cpu" else RESULTS / args.device)
 
     tasks = plan(args)
+    if not tasks:  # (e.g. --models '' with a per-model task): nothing to measure, so nothing is written
+        print("python -m benchmarks: these options select no task; nothing run, nothing written", file=sys.stderr)
+        return 2
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     command = "python -m benchmarks " + " ".join(argv if argv is not None else sys.argv[1:])
     environment = M.environment(torch.device(args.device)) | {"threads": threads}

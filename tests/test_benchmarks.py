@@ -204,6 +204,22 @@ def test_a_run_in_parts_keeps_every_part_and_the_newest_result_of_a_task():
         merge(part("a", "1"), {**part("b", "2"), "environment": {"cpu": "y"}})
 
 
+@pytest.mark.parametrize("argv", [["--tasks", "floor_rato"], ["--models", "vit_s16,vit_x"], ["--big", "../vit_h14"]])
+def test_a_mistyped_task_or_model_is_refused_before_anything_runs(argv, capsys):
+    from benchmarks.run import parse_args
+
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(argv)
+    assert exit_.value.code == 2 and "unknown" in capsys.readouterr().err
+
+
+def test_options_that_select_no_task_write_nothing(tmp_path, capsys):
+    from benchmarks.run import main
+
+    assert main(["--models", "", "--big", "", "--tasks", "train_timing", "--out", str(tmp_path)]) == 2
+    assert "nothing written" in capsys.readouterr().err and not any(tmp_path.iterdir())
+
+
 def test_compare_puts_two_runs_side_by_side(committed):
     from benchmarks.report import compare
 

@@ -62,7 +62,7 @@ def cpu_plan(args: argparse.Namespace) -> list[dict]:
         variants = MAIN + (ABLATIONS if small else [])
         tasks.append({"task": "train_timing", "model": model, "variants": variants + ["dense_floor"], "rounds": 10, "warmup": 2})
         # the targets' ratios: three variants alone, rounds enough for a median good to about ±2 % (tasks.floor_ratio)
-        tasks.append({"task": "floor_ratio", "model": model, "rounds": 16 if quick else (60 if small else 24), "warmup": 2})
+        tasks.append({"task": "floor_ratio", "model": model, "rounds": 16 if quick else (60 if small else 40), "warmup": 2})
         tasks.append({"task": "own_work", "model": model, "rounds": 6, "warmup": 2})
         tasks += [{"task": "train_memory", "model": model, "variant": v, "steps": 2} for v in variants if v not in NO_MEMORY]
         tasks.append({"task": "gemm_floor", "model": model, "rounds": 3, "warmup": 1})

@@ -79,7 +79,7 @@ def test_the_default_run_measures_the_floor_for_many_rounds():
     from benchmarks.run import parse_args, plan
 
     floors = {t["model"]: t["rounds"] for t in plan(parse_args([])) if t["task"] == "floor_ratio"}
-    assert floors == {"vit_s16": 60, "vit_b16": 24}
+    assert floors == {"vit_s16": 60, "vit_b16": 40}
 
 
 def test_paired_ratio_takes_the_ratio_within_each_round():

@@ -119,9 +119,9 @@ def floor_ratio(model: str, rounds: int, warmup: int, device: str | None = None,
     A round is then three steps instead of a dozen, so sixty fit where ten did. On the 2-core VM of
     results/zen3 a steady GEMM's speed wandered by ±16 % from one second to the next; there and in
     the committed results the middle half of RLRR's per-round ratios to the floor spans 0.09–0.13
-    (ViT-S, 60 rounds):
-    a median of ten such ratios is good to about ±4 %, of sixty to about ±1.6 % (1.25 σ/√n). The
-    step-time targets against the floor and full fine-tuning take their ratios from here when it ran.
+    (ViT-S, 60 rounds): a median of ten such ratios is good to about ±4 %, of sixty to about ±1.6 %
+    (1.25 σ/√n). The step-time targets against the floor and full fine-tuning take their ratios
+    from here when it ran.
     """
     return train_timing(model, FLOOR_VARIANTS, rounds, warmup, device, batch, amp)
 

@@ -4,7 +4,7 @@ Runs every measurement in its own worker process (benchmarks/worker.py), then wr
 `results/benchmark.json`, `results/benchmark.md` and `results/benchmark.png` (benchmarks/report.py).
 The default run (ViT-S/16, ViT-B/16, ViT-H/14 apply/fold/ONNX) takes about 50 minutes on the 2
 cores of the committed results (an hour and a half on the slower machine before); `--quick`
-(ViT-S/16 only) about a fifth of that. `--tasks` and `--append` take one run in parts.
+(ViT-S/16 only) took about 15 there. `--tasks` and `--append` take one run in parts.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ float32 or float64 on CPU, each row of W is read once per direction:
 - forward: one loop reads W and writes W' (2 passes; M is never stored);
 - backward, after the GEMM writes dW' (1): one loop reads W and dW' and writes W' for dX while
   summing both scale gradients, S_right's along the row and S_left's down the columns in a small
-  per-thread array (3 passes; dM is never stored).
+  per-thread array (3 passes; dM is never stored);
+- fold (Eq. 20): the forward loop writes W' over W in place (2 passes, against 4 op by op).
 
 The op-by-op path (`EagerKernels`) makes 14 passes in 7 ops; `torch.compile` will not put a row
 and a column reduction into one loop (9). The loop is the same arithmetic as `scale_matrix` and
@@ -15,8 +16,9 @@ else (another scaling, dtype or device, a trainable W, a differentiable backward
 `EagerKernels`.
 
 The source, native_loops.cpp, is plain C++ with OpenMP and no PyTorch headers: `torch.utils.cpp_extension.load`
-builds it at the first training step in about a second (ninja, a C++ compiler) into PyTorch's
-extension cache, under its file lock (DDP processes build it once). It is loaded with ctypes and
+builds it at the first training step (or fold) in about a second (ninja, a C++ compiler) into its
+own folder of PyTorch's extension cache (`build_directory`), under its file lock (DDP processes build
+it once); later processes load the finished library straight from there. It is loaded with ctypes and
 called with the tensors' data pointers; OpenMP is the runtime PyTorch already loaded, so
 `torch.set_num_threads` applies. If the build fails, a warning says why and the op-by-op path
 runs from then on.
@@ -25,6 +27,8 @@ runs from then on.
 from __future__ import annotations
 
 import ctypes
+import hashlib
+import os
 import threading
 import warnings
 from collections.abc import Sequence
@@ -40,18 +44,44 @@ from adapters.linear import LinearRescale
 #: The loops, a plain C++ file beside this one (package data).
 SOURCE = Path(__file__).with_name("native_loops.cpp")
 
-#: The extension's name in PyTorch's cache (its build folder); a changed source rebuilds it.
+#: The extension's name (its build folder's, with a digest of the source: a changed source rebuilds it).
 NAME = "rlrr_native_kernels"
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 _PAPER = Scaling()
 
 
-def build(verbose: bool = False) -> ctypes.CDLL:
-    """Compile SOURCE (or find it compiled) with torch.utils.cpp_extension and load it."""
-    from torch.utils.cpp_extension import load  # reason: imported only when the loop is first needed
+_FLAGS = {"extra_cflags": ("-O3", "-fopenmp"), "extra_ldflags": ("-fopenmp",)}
 
-    path = load(NAME, [str(SOURCE)], extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], is_python_module=False, verbose=verbose)
-    library = ctypes.CDLL(path)
+
+def build_directory() -> Path:
+    """This source's own build folder in PyTorch's extension cache (TORCH_EXTENSIONS_DIR, else
+    ~/.cache/torch_extensions), named by a digest of the source, flags and torch version: a folder
+    never holds another source's build, so a finished one can be loaded without a rebuild check."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "torch_extensions"
+    digest = hashlib.sha256(SOURCE.read_bytes() + repr((_FLAGS, torch.__version__)).encode()).hexdigest()[:16]
+    return Path(root) / f"{NAME}-{digest}"
+
+
+def build(verbose: bool = False) -> ctypes.CDLL:
+    """Load SOURCE's library from its build folder, compiling it there first (torch.utils.cpp_extension) if needed.
+
+    A finished build leaves a `ready` file naming its library; with it, loading skips
+    cpp_extension (its import and ninja's check cost ~0.1 s, and a full garbage collection in a
+    process holding a big model).
+    """
+    folder = build_directory()
+    ready = folder / "ready"
+    path = folder / Path(ready.read_text().strip()).name if ready.is_file() else None
+    if path is None or not path.is_file():
+        from torch.utils.cpp_extension import load  # reason: imported only when the loop is first built
+
+        folder.mkdir(parents=True, exist_ok=True)
+        path = Path(load(NAME, [str(SOURCE)], build_directory=str(folder), is_python_module=False, verbose=verbose,
+                         **{key: list(flags) for key, flags in _FLAGS.items()}))  # (lists: load extends them)
+        staged = folder / f"ready.{os.getpid()}"
+        staged.write_text(path.name)
+        os.replace(staged, ready)  # atomic: another process sees no file or a whole one
+    library = ctypes.CDLL(str(path))
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     for suffix in _SUFFIX.values():
         getattr(library, f"rlrr_weight_{suffix}").argtypes = [pointer] * 4 + [size] * 4
@@ -112,6 +142,20 @@ class NativeKernels(EagerKernels):
             d_left.data_ptr(), d_right.data_ptr(), *_sizes(weight, s_left))
         found = {id(adapter.rlrr_s_left): d_left, id(adapter.rlrr_s_right): d_right}
         return _cast(out, dtype), [found.get(id(t)) for t in wanted]
+
+    def fold_into(self, adapter: LinearRescale, weight: Tensor) -> bool:
+        """Eq. 20 written over `weight` by the forward loop, one pass; False (nothing written) where it does not apply.
+
+        In place is safe: each W' entry reads only its own W entry. `weight` must be the layer's
+        float32/float64 matrix on CPU, like the adapter's scales.
+        """
+        library = self._takes(adapter, weight) if weight.dim() == 2 else None
+        if library is None:
+            return False
+        s_left, s_right = (t.contiguous() for t in _scales(adapter))
+        getattr(library, f"rlrr_weight_{_SUFFIX[weight.dtype]}")(
+            weight.data_ptr(), s_left.data_ptr(), s_right.data_ptr(), weight.data_ptr(), *_sizes(weight, s_left))
+        return True
 
 
 def _sizes(weight: Tensor, s_left: Tensor) -> tuple[int, int, int, int]:

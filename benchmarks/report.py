@@ -142,8 +142,11 @@ def analyse(doc: dict) -> dict:
     for model, big in out["big"].items():
         name = MODEL_NAMES.get(model, model)
         if "apply_fold_copies" in big:
+            spread = (f"; median of {len(big['rounds'])} rounds [{big['apply_fold_copies_min']:.2f}–{big['apply_fold_copies_max']:.2f}], "
+                      f"the first (cold) {big['apply_fold_copies_first']:.2f}") if "rounds" in big else ""
             target(f"{name} apply + fold, in copies of every parameter", big["apply_fold_copies"], None, 6,
-                   f"apply {big['apply_s']:.2f} s + fold {big['fold_s']:.2f} s; one copy {min(big['copy_s']):.3f} s (fastest of {len(big['copy_s'])}, same process)")
+                   f"apply {big['apply_s']:.2f} s + fold {big['fold_s']:.2f} s; one copy {min(big['copy_s']):.3f} s (fastest of {len(big['copy_s'])}, same process)"
+                   + spread)
         elif "apply_fold_s" in big:
             target(f"{name} apply + fold time (s)", big["apply_fold_s"], None, 20, f"apply {big['apply_s']:.1f} s + fold {big['fold_s']:.1f} s")
         if "apply_fold_peak_over_fp32" in big:
@@ -237,6 +240,9 @@ def markdown(doc: dict, a: dict) -> str:
             if "copy_s" in big:
                 lines.append(f"| yardstick: one copy of every parameter into buffers allocated beforehand | {min(big['copy_s']):.3f} | | "
                              f"fastest of {', '.join(f'{c:.3f}' for c in big['copy_s'])} s; apply + fold = {big['apply_fold_copies']:.1f} copies |")
+            if "rounds" in big:
+                lines.append(f"\nThe median of {len(big['rounds'])} rounds (apply, fold, yardstick, in turn), per round in copies: "
+                             + ", ".join(f"{r['apply_fold_copies']:.2f}" for r in big["rounds"]) + " (the first cold: imports, the native loop's load).")
         if "export_s" in big:
             lines.append(f"| ONNX export of the folded model (dynamo, external data, batch 1) | {big['export_s']:.1f} | {big['export_peak_rss_mib']:.0f} | "
                          f"{big['export_files_mib']:.0f} MiB written; RSS before {big['export_rss_before_mib']:.0f} MiB (model + imports); load {big['export_load_before'][0]:.1f} |")

@@ -673,7 +673,11 @@ def block_fold_matches(adapter, original: Tensor, rows: int | None) -> None:
         expected = adapter.folded(tensor, is_bias)
         target = tensor.clone()
         adapter.fold_into(target, is_bias, rows=rows)
-        torch.testing.assert_close(target, expected, rtol=0, atol=0)  # the same ops on fewer rows
+        if rows is None and not is_bias:  # the whole matrix: the native loop where it applies (a multiply-add rounded once or twice)
+            eps = torch.finfo(expected.dtype).eps
+            torch.testing.assert_close(target, expected, rtol=2 * eps, atol=2 * eps * expected.abs().max().item())
+        else:
+            torch.testing.assert_close(target, expected, rtol=0, atol=0)  # the same ops on fewer rows
         assert adapter.fold_is_finite(tensor, is_bias, rows=rows)
 
 

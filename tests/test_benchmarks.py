@@ -236,3 +236,21 @@ def test_own_work_clocks_the_native_and_op_by_op_kernels():
     assert out["native_failed"] is None and set(out["variants"]) == {"rlrr", "rlrr_eager"}
     for r in out["variants"].values():
         assert 0 < r["median_kernel_s"] < r["median_s"] and 0 < r["share"] < 1
+
+
+def test_big_apply_fold_reports_the_median_round_against_its_own_yardstick(committed):
+    """Each round: apply, random adapters, fold, copies; the median round's ratio is the target, with the first and the range."""
+    from benchmarks.tasks import big_apply_fold
+
+    out = big_apply_fold("vit_t16_32", rounds=3, copies=2)
+    rounds = out["rounds"]
+    assert len(rounds) == 3 and all(len(r["copy_s"]) == 2 for r in rounds)
+    for r in rounds:
+        assert r["apply_fold_copies"] == pytest.approx((r["apply_s"] + r["fold_s"]) / min(r["copy_s"]))
+    assert out["apply_fold_copies"] == sorted(r["apply_fold_copies"] for r in rounds)[1]
+    assert out["apply_fold_copies_first"] == rounds[0]["apply_fold_copies"]
+    doc = {**committed, "tasks": [{"spec": {"task": "big_apply_fold"}, "ok": True, **out}]}
+    a = analyse(doc)
+    target = next(t for t in a["targets"] if "apply + fold, in copies" in t["target"])
+    assert target["measured"] == out["apply_fold_copies"] and "median of 3 rounds" in target["detail"]
+    assert "per round in copies" in markdown(doc, a)

@@ -412,6 +412,51 @@ def test_native_loops_equal_the_op_by_op_kernels(dtype, rank: int, chunks: int) 
         torch.testing.assert_close(got, want, rtol=tol["rtol"], atol=tol["atol"] * want.abs().max().item())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("rank,chunks", [(1, 1), (1, 3), (3, 2)])
+def test_native_fold_equals_the_op_by_op_fold(monkeypatch, dtype, rank: int, chunks: int) -> None:
+    """`fold_into` writes W' over W through the C++ loop, equal to Eq. 20 op by op; a view it cannot take stays untouched."""
+    import adapters.native as native
+
+    g = torch.Generator().manual_seed(7 * rank + chunks)
+    weight = torch.randn(6 * chunks * 8, 96, generator=g, dtype=F64).to(dtype)
+    adapter = LinearRescale(weight, rank=rank, chunks=chunks).to(dtype)
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=F64))
+    kernels = CountingNative()
+    monkeypatch.setattr(native, "NATIVE", kernels)
+    folded, blocks = weight.clone(), weight.clone()
+    adapter.fold_into(folded, is_bias=False)
+    assert kernels.loops == 1
+    adapter.fold_into(blocks, is_bias=False, rows=5)  # (the op-by-op blocks)
+    assert kernels.loops == 1
+    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == F64 else {"rtol": 1e-5, "atol": 1e-5}
+    torch.testing.assert_close(folded, adapter.folded(weight, is_bias=False), **tol)
+    torch.testing.assert_close(blocks, adapter.folded(weight, is_bias=False), **tol)
+    assert not folded.equal(weight)
+    transposed = weight.t().contiguous().t()  # not contiguous: the loop does not take it
+    before = transposed.clone()
+    assert not kernels.fold_into(adapter, transposed) and transposed.equal(before)
+
+
+def test_native_build_loads_a_finished_build_by_name_only(monkeypatch, tmp_path) -> None:
+    """A build leaves `ready` naming its library; a `ready` naming anything else (a path, a missing file) rebuilds."""
+    import adapters.native as native
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    folder = native.build_directory()
+    assert folder.parent == tmp_path and not folder.exists()
+    native.build()
+    ready = folder / "ready"
+    library = folder / ready.read_text()
+    assert library.is_file() and library.parent == folder
+    (tmp_path / "elsewhere.so").write_bytes(b"not a library")
+    ready.write_text("../elsewhere.so")
+    assert native.build().rlrr_weight_f32 is not None  # rebuilt in its folder, not loaded from the path
+    assert (folder / ready.read_text()).parent == folder and "/" not in ready.read_text()
+
+
 def test_native_loops_take_only_the_paper_form() -> None:
     """Other scalings, a trainable W and a differentiable backward go op by op; the result is the same."""
     kernels = CountingNative()

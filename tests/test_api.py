@@ -12,6 +12,7 @@ option, what exists), and that the model is left exactly as it was (`assert_unch
 from __future__ import annotations
 
 import copy
+import operator
 import os
 import re
 import warnings
@@ -521,6 +522,27 @@ def test_tied_weights_and_a_module_called_twice_get_one_adapter_each():
 
 
 # ----------------------------------------------------------------------------- 5. untraceable models
+
+
+def test_the_tracer_unpacks_proxies_as_fx_does():
+    """`a, b, c = y.chunk(3)` and `q, k = y.unbind(0)` give fx's own graph (the tracer caches the bytecode it reads)."""
+    from torch import fx
+
+    from rlrr.trace import make_tracer
+
+    class Unpacks(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(4, 12)
+
+        def forward(self, x):
+            a, b, c = self.proj(x).chunk(3, -1)
+            q, k = self.proj(x).reshape(2, -1, 6).unbind(0)
+            return a + b * c + q.sum() + k.sum()
+
+    ours, theirs = make_tracer().trace(Unpacks()), fx.Tracer().trace(Unpacks())
+    assert [(n.op, str(n.target), str(n.args)) for n in ours.nodes] == [(n.op, str(n.target), str(n.args)) for n in theirs.nodes]
+    assert sum(n.target is operator.getitem for n in ours.nodes) == 5
 
 
 def test_untraceable_model_falls_back_to_layers_found_by_type():

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import os
 import threading
 import warnings
@@ -62,6 +63,19 @@ def build_directory() -> Path:
     return Path(root) / f"{NAME}-{digest}"
 
 
+def _quiet_import_load():
+    """torch.utils.cpp_extension.load, imported only when the loop is first built, without the
+    warning its import logs on a CUDA build of torch with no CUDA runtime (this build is CPU-only)."""
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        from torch.utils.cpp_extension import load
+    finally:
+        log.setLevel(level)
+    return load
+
+
 def build(verbose: bool = False) -> ctypes.CDLL:
     """Load SOURCE's library from its build folder, compiling it there first (torch.utils.cpp_extension) if needed.
 
@@ -73,8 +87,7 @@ def build(verbose: bool = False) -> ctypes.CDLL:
     ready = folder / "ready"
     path = folder / Path(ready.read_text().strip()).name if ready.is_file() else None
     if path is None or not path.is_file():
-        from torch.utils.cpp_extension import load  # reason: imported only when the loop is first built
-
+        load = _quiet_import_load()
         folder.mkdir(parents=True, exist_ok=True)
         path = Path(load(NAME, [str(SOURCE)], build_directory=str(folder), is_python_module=False, verbose=verbose,
                          **{key: list(flags) for key, flags in _FLAGS.items()}))  # (lists: load extends them)

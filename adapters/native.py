@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from torch.autograd.graph import increment_version
 
 from adapters.base import Scaling
 from adapters.kernels import BUFFERS, EagerKernels, _cast, _scales
@@ -168,6 +169,7 @@ class NativeKernels(EagerKernels):
         s_left, s_right = (t.contiguous() for t in _scales(adapter))
         getattr(library, f"rlrr_weight_{_SUFFIX[weight.dtype]}")(
             weight.data_ptr(), s_left.data_ptr(), s_right.data_ptr(), weight.data_ptr(), *_sizes(weight, s_left))
+        increment_version(weight)  # written through a pointer: autograd's checks and the adapters' caches must see it
         return True
 
 

@@ -128,7 +128,7 @@ class NativeKernels(EagerKernels):
     def _takes(self, adapter: LinearRescale, weight: Tensor) -> ctypes.CDLL | None:
         if type(adapter) is not LinearRescale or adapter.scaling != _PAPER or weight.device.type != "cpu" or weight.dtype not in _SUFFIX:
             return None
-        if not weight.is_contiguous() or adapter.rlrr_s_left.dtype != weight.dtype or adapter.rlrr_s_right.dtype != weight.dtype:
+        if weight.dim() != 2 or not weight.is_contiguous() or adapter.rlrr_s_left.dtype != weight.dtype or adapter.rlrr_s_right.dtype != weight.dtype:
             return None
         return self.library()
 
@@ -136,10 +136,8 @@ class NativeKernels(EagerKernels):
         library = self._takes(adapter, weight)
         if library is None:
             return super().weight(adapter, weight, dtype)
-        s_left, s_right = (t.contiguous() for t in _scales(adapter))
         out = BUFFERS.get("w", weight.shape, weight)
-        getattr(library, f"rlrr_weight_{_SUFFIX[weight.dtype]}")(
-            weight.data_ptr(), s_left.data_ptr(), s_right.data_ptr(), out.data_ptr(), *_sizes(weight, s_left))
+        _weight_into(library, adapter, weight, out)
         return _cast(out, dtype)
 
     def weight_and_grads(self, adapter: LinearRescale, weight: Tensor, dw: Tensor, wanted: Sequence[Tensor],
@@ -163,14 +161,19 @@ class NativeKernels(EagerKernels):
         In place is safe: each W' entry reads only its own W entry. `weight` must be the layer's
         float32/float64 matrix on CPU, like the adapter's scales.
         """
-        library = self._takes(adapter, weight) if weight.dim() == 2 else None
+        library = self._takes(adapter, weight)
         if library is None:
             return False
-        s_left, s_right = (t.contiguous() for t in _scales(adapter))
-        getattr(library, f"rlrr_weight_{_SUFFIX[weight.dtype]}")(
-            weight.data_ptr(), s_left.data_ptr(), s_right.data_ptr(), weight.data_ptr(), *_sizes(weight, s_left))
+        _weight_into(library, adapter, weight, weight)
         increment_version(weight)  # written through a pointer: autograd's checks and the adapters' caches must see it
         return True
+
+
+def _weight_into(library: ctypes.CDLL, adapter: LinearRescale, weight: Tensor, out: Tensor) -> None:
+    """The forward loop: W' of `weight` into `out` (contiguous, weight's shape; `weight` itself for a fold)."""
+    s_left, s_right = (t.contiguous() for t in _scales(adapter))
+    getattr(library, f"rlrr_weight_{_SUFFIX[weight.dtype]}")(
+        weight.data_ptr(), s_left.data_ptr(), s_right.data_ptr(), out.data_ptr(), *_sizes(weight, s_left))
 
 
 def _sizes(weight: Tensor, s_left: Tensor) -> tuple[int, int, int, int]:

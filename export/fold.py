@@ -1,8 +1,9 @@
 """Fold (Eq. 20): write every adapter into the plain weights it rescales, in place.
 
 Each folded tensor is computed by the adapter's own fold (the function the forward uses, in
-float32 or wider, cast back), block of rows by block (`Adapter.fold_into`), and written into the
-original tensor in place: no second copy of the model is ever held. Every result is checked
+float32 or wider, cast back), block of rows by block (`Adapter.fold_into`; the paper form on CPU in
+one pass of the native loop the training forward uses), and written into the original tensor in
+place: no second copy of the model is ever held. Every result is checked
 finite first (`Adapter.fold_is_finite`, also by blocks), before anything is written, so a NaN in an
 adapter leaves the model untouched. Removing the rewrite itself is `rlrr.remove_rewrite`.
 """

@@ -66,7 +66,7 @@ def cpu_plan(args: argparse.Namespace) -> list[dict]:
         tasks.append({"task": "floor_ratio", "model": model, "rounds": 16 if quick else (60 if small else 40), "warmup": 2})
         tasks.append({"task": "own_work", "model": model, "rounds": 6, "warmup": 2})
         tasks += [{"task": "train_memory", "model": model, "variant": v, "steps": 2} for v in variants if v not in NO_MEMORY]
-        tasks.append({"task": "gemm_floor", "model": model, "rounds": 3, "warmup": 1})
+        tasks.append({"task": "gemm_floor", "model": model, "rounds": 5, "warmup": 1})
         # one call varies by ±10 % here even when idle: ratios need a few dozen rounds to settle within ±3 %
         tasks.append({"task": "inference", "model": model, "rounds": 12 if quick else (24 if small else 14), "warmup": 2})
         tasks.append({"task": "onnx", "model": model, "rounds": 16 if quick else (30 if small else 20), "warmup": 2})

@@ -220,29 +220,47 @@ def saved_for_backward(trainer: Trainer) -> int:
     return sum(seen.values())
 
 
-def gemm_floor(model: str, rounds: int, warmup: int, device: str | None = None) -> dict:
-    """The adapted linears' GEMMs of one step at the model's real shapes, alone.
+def gemm_floor(model: str, rounds: int, warmup: int, device: str | None = None, batch: int = BATCH) -> dict:
+    """The adapted linears' GEMMs of one step at the model's real shapes, alone, stepped in turn.
 
-    "dense" is forward + dX (what LoRA's frozen base layers cost), "with_dw" adds the
-    weight-gradient GEMM dYᵀX that full fine-tuning and RLRR both need (the adapter parameters'
-    gradient reads dW' elementwise: see docs/performance.md).
+    - "dense": forward + dX (what LoRA's frozen base layers cost);
+    - "with_dw": adds the weight-gradient GEMM dYᵀX that full fine-tuning and RLRR both need;
+    - "with_dw_read": adds one read of every W (a sum) before its forward GEMM and one before its
+      backward, each clocked: "read_s" per step is the least a method adds that rescales W outside
+      the GEMMs, as RLRR does once per direction (docs/performance.md). The GEMM before each read
+      leaves the caches full of its own operands, as in the model.
     """
     dev = M.device(device)
     base = V.build(model).to(dev)
     layers = [m for n, m in base.named_modules() if isinstance(m, nn.Linear) and n.split(".")[-1] in ("qkv", "proj", "fc1", "fc2")]
-    tokens = BATCH * (base.patch_embed.num_patches + 1)
+    tokens = batch * (base.patch_embed.num_patches + 1)
     xs = {id(m): torch.randn(tokens, m.in_features, device=dev, requires_grad=True) for m in layers}
+    reads: list[float] = []
 
-    def run(with_dw: bool) -> None:
+    def read(w: torch.Tensor) -> float:
+        t = time.perf_counter()
+        w.detach().sum()
+        M.sync(dev)
+        return time.perf_counter() - t
+
+    def run(with_dw: bool, clock: bool = False) -> None:
+        spent = 0.0
         for m in layers:
-            m.weight.requires_grad_(with_dw)
+            for p in (m.weight, m.bias):
+                p.requires_grad_(with_dw)
             x = xs[id(m)]
-            y = F.linear(x, m.weight)
+            spent += read(m.weight) if clock else 0.0
+            y = F.linear(x, m.weight, m.bias)
+            spent += read(m.weight) if clock else 0.0
             y.backward(torch.ones_like(y))
-            m.weight.grad = x.grad = None
+            m.weight.grad = m.bias.grad = x.grad = None
+        if clock:
+            reads.append(spent)
 
-    times = M.interleaved({"dense": lambda: run(False), "with_dw": lambda: run(True)}, rounds, warmup, dev)
-    return {"model": model, "layers": len(layers), "tokens": tokens, "load": M.load(),
+    steps = {"dense": lambda: run(False), "with_dw": lambda: run(True), "with_dw_read": lambda: run(True, clock=True)}
+    times = M.interleaved(steps, rounds, warmup, dev)
+    return {"model": model, "layers": len(layers), "tokens": tokens, "rounds": rounds, "load": M.load(),
+            "read_s": M.median(reads[warmup:]), "reads": reads[warmup:],
             **{k: {"median_s": M.median(v["wall"]), "wall": v["wall"]} for k, v in times.items()}}
 
 

@@ -254,3 +254,22 @@ def test_big_apply_fold_reports_the_median_round_against_its_own_yardstick(commi
     target = next(t for t in a["targets"] if "apply + fold, in copies" in t["target"])
     assert target["measured"] == out["apply_fold_copies"] and "median of 3 rounds" in target["detail"]
     assert "per round in copies" in markdown(doc, a)
+
+
+def test_gemm_floor_clocks_one_read_of_each_weight_per_direction(committed):
+    """`gemm_floor` at CI size: the reads between the GEMMs are clocked; the targets say what they and RLRR's parts come to."""
+    from benchmarks.tasks import gemm_floor
+
+    out = gemm_floor("vit_t16_32", rounds=2, warmup=1, batch=2)
+    assert out["layers"] == 48 and len(out["reads"]) == 2 and out["read_s"] == M.median(out["reads"])
+    assert 0 < out["read_s"] < out["with_dw_read"]["median_s"] and set(out) >= {"dense", "with_dw", "with_dw_read"}
+    out |= {"spec": {"task": "gemm_floor", "model": "vit_s16"}, "ok": True, "model": "vit_s16"}
+    tasks = [t for t in committed["tasks"] if not (t["spec"]["task"] == "gemm_floor" and t["model"] == "vit_s16")]
+    doc = {**committed, "tasks": tasks + [out]}
+    a = analyse(doc)
+    target = next(t for t in a["targets"] if t["target"] == "ViT-S/16 training step, RLRR / full fine-tuning")
+    floor = a["floor"]["vit_s16"]["rows"]
+    expected = floor["full_fwd_bwd"]["x_full"]["median"] * (1 + out["read_s"] / floor["full_fwd_bwd"]["median_s"])
+    assert f"with W read once per direction outside the GEMMs {expected:.3f}" in target["detail"]
+    assert "with RLRR's measured kernels and optimizer step" in target["detail"]
+    assert "clocked between the GEMMs" in markdown(doc, a)

@@ -72,25 +72,35 @@ def _source(a: dict, model: str, ref: str) -> dict | None:
     return a["training"].get(model)
 
 
+def _gemm_floor(t: dict) -> dict:
+    """`gemm_floor`'s medians; where it timed the whole model's floor too, the shares of that step
+    (taken within the task: the machine's speed wanders between tasks)."""
+    out = {"dense_s": t["dense"]["median_s"], "with_dw_s": t["with_dw"]["median_s"], "load": _load(t)}
+    if "model_floor" in t:
+        step = t["model_floor"]["median_s"]
+        out |= {"read_s": t["read_s"], "rounds": t["rounds"], "model_floor_s": step, "read_share": t["read_s"] / step,
+                "dw_share": M.median([(a - b) / s for a, b, s in zip(t["with_dw"]["wall"], t["dense"]["wall"], t["model_floor"]["wall"])])}
+    return out
+
+
 def _beside_full(a: dict, model: str, floor_over_full: float | None) -> str:
-    """What RLRR / full FT comes to from measured parts, added to the floor / full FT bound.
+    """What RLRR / full FT comes to from measured parts, on top of the floor / full FT bound.
 
     Reading each adapted W once per direction outside the GEMMs (`gemm_floor`'s clocked reads) is the
     least a rescale of W outside the GEMMs adds; RLRR's own kernels (`own_work`) and its optimizer
-    step (`floor_ratio`'s phases) are what it does add. Each as a share of the floor's step.
+    step (`floor_ratio`'s phases) are what it does add. Each as a share of a step in its own task.
     """
     source = a["floor"].get(model)
     floor = a["gemm_floor"].get(model, {})
     if floor_over_full is None or source is None or "full_fwd_bwd" not in source["rows"] or "rlrr" not in source["rows"]:
         return ""
-    step = source["rows"]["full_fwd_bwd"]["median_s"]
     text = ""
-    if "read_s" in floor:
-        text += f"; with W read once per direction outside the GEMMs {floor_over_full * (1 + floor['read_s'] / step):.3f}"
+    if "read_share" in floor:
+        text += f"; with W read once per direction outside the GEMMs {floor_over_full * (1 + floor['read_share']):.3f}"
     work = a["own_work"].get(model, {}).get("variants", {}).get("rlrr")
     if work:
-        parts = work["median_kernel_s"] + source["rows"]["rlrr"]["phases_s"]["optimizer"]
-        text += f"; with RLRR's measured kernels and optimizer step {floor_over_full * (1 + parts / step):.3f}"
+        optimizer = source["rows"]["rlrr"]["phases_s"]["optimizer"] / source["rows"]["full_fwd_bwd"]["median_s"]
+        text += f"; with RLRR's measured kernels and optimizer step {floor_over_full * (1 + work['share'] + optimizer):.3f}"
     return text
 
 
@@ -114,8 +124,7 @@ def analyse(doc: dict) -> dict:
         out["big"].setdefault(t["model"], {}).update({k: v for k, v in t.items() if k not in ("spec", "ok")})
     out["own_work"] = {t["model"]: t for t in _tasks(doc, "own_work")}
     floors = {t["model"]: t for t in _tasks(doc, "gemm_floor")}
-    out["gemm_floor"] = {m: {"dense_s": t["dense"]["median_s"], "with_dw_s": t["with_dw"]["median_s"], "load": _load(t),
-                             **({"read_s": t["read_s"], "rounds": t["rounds"]} if "read_s" in t else {})} for m, t in floors.items()}
+    out["gemm_floor"] = {m: _gemm_floor(t) for m, t in floors.items()}
 
     def target(what: str, value: float | None, low: float | None, high: float | None, detail: str = "") -> None:
         met = None if value is None else (low is None or value >= low) and (high is None or value <= high)
@@ -129,7 +138,10 @@ def analyse(doc: dict) -> dict:
         floor = out["gemm_floor"].get(model)
         bounds = {}
         if "dense_floor" in rows and floor and "lora_r8" in rows:  # RLRR ≥ dX-only backward + the dW GEMMs
-            bounds["lora_r8"] = (rows["dense_floor"]["median_s"] + floor["with_dw_s"] - floor["dense_s"]) / rows["lora_r8"]["median_s"]
+            if "dw_share" in floor and "full_fwd_bwd" in rows:  # each part a ratio within its own task
+                bounds["lora_r8"] = rows["dense_floor"]["x_lora_r8"]["median"] + floor["dw_share"] * rows["full_fwd_bwd"]["x_lora_r8"]["median"]
+            else:  # older results: seconds from two tasks
+                bounds["lora_r8"] = (rows["dense_floor"]["median_s"] + floor["with_dw_s"] - floor["dense_s"]) / rows["lora_r8"]["median_s"]
         full_rows = (_source(out, model, "full") or tr)["rows"]
         if "x_full" in full_rows.get("full_fwd_bwd", {}):  # RLRR ≥ full fine-tuning's forward + backward (same GEMMs): measured, paired
             bounds["full"] = full_rows["full_fwd_bwd"]["x_full"]["median"]
@@ -234,7 +246,8 @@ def markdown(doc: dict, a: dict) -> str:
                       f"with the weight-gradient GEMM dYᵀX {floor['with_dw_s']:.3f} s (+{floor['with_dw_s'] - floor['dense_s']:.3f} s a step, "
                       "paid by full fine-tuning and RLRR, not by LoRA)." + (
                           f" One read of every adapted W before its forward GEMM and one before its backward, clocked between "
-                          f"the GEMMs: {1e3 * floor['read_s']:.1f} ms a step (median of {floor['rounds']} rounds)." if "read_s" in floor else "")]
+                          f"the GEMMs: {1e3 * floor['read_s']:.1f} ms a step, {100 * floor['read_share']:.2f} % of the whole model's "
+                          f"forward + backward timed in the same {floor['rounds']} rounds ({floor['model_floor_s']:.3f} s)." if "read_s" in floor else "")]
     for model, work in a["own_work"].items():
         lines += ["", f"## RLRR's own work per step, {MODEL_NAMES.get(model, model)} (load {_load(work)}, {work['rounds']} rounds after {work['warmup']} warm-up)", "",
                   "Time inside the training kernels (W' in forward; W' and the scale gradients in backward), every adapted linear, "

@@ -228,7 +228,10 @@ def gemm_floor(model: str, rounds: int, warmup: int, device: str | None = None, 
     - "with_dw_read": adds one read of every W (a sum) before its forward GEMM and one before its
       backward, each clocked: "read_s" per step is the least a method adds that rescales W outside
       the GEMMs, as RLRR does once per direction (docs/performance.md). The GEMM before each read
-      leaves the caches full of its own operands, as in the model.
+      leaves the caches full of its own operands, as in the model;
+    - "model_floor": the whole model's forward + backward, every parameter training (full
+      fine-tuning without its optimizer, the floor), so each figure above is also a share of the
+      step timed in the same rounds (the machine's speed wanders from minute to minute).
     """
     dev = M.device(device)
     base = V.build(model).to(dev)
@@ -236,6 +239,14 @@ def gemm_floor(model: str, rounds: int, warmup: int, device: str | None = None, 
     tokens = batch * (base.patch_embed.num_patches + 1)
     xs = {id(m): torch.randn(tokens, m.in_features, device=dev, requires_grad=True) for m in layers}
     reads: list[float] = []
+    images, labels = _data(dev, batch, model)
+
+    def floor_step() -> None:
+        for p in base.parameters():
+            p.requires_grad_(True)
+        F.cross_entropy(base(images), labels).backward()
+        for p in base.parameters():
+            p.grad = None
 
     def read(w: torch.Tensor) -> float:
         t = time.perf_counter()
@@ -257,7 +268,7 @@ def gemm_floor(model: str, rounds: int, warmup: int, device: str | None = None, 
         if clock:
             reads.append(spent)
 
-    steps = {"dense": lambda: run(False), "with_dw": lambda: run(True), "with_dw_read": lambda: run(True, clock=True)}
+    steps = {"dense": lambda: run(False), "with_dw": lambda: run(True), "with_dw_read": lambda: run(True, clock=True), "model_floor": floor_step}
     times = M.interleaved(steps, rounds, warmup, dev)
     return {"model": model, "layers": len(layers), "tokens": tokens, "rounds": rounds, "load": M.load(),
             "read_s": M.median(reads[warmup:]), "reads": reads[warmup:],

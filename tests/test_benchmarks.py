@@ -262,14 +262,19 @@ def test_gemm_floor_clocks_one_read_of_each_weight_per_direction(committed):
 
     out = gemm_floor("vit_t16_32", rounds=2, warmup=1, batch=2)
     assert out["layers"] == 48 and len(out["reads"]) == 2 and out["read_s"] == M.median(out["reads"])
-    assert 0 < out["read_s"] < out["with_dw_read"]["median_s"] and set(out) >= {"dense", "with_dw", "with_dw_read"}
+    assert 0 < out["read_s"] < out["with_dw_read"]["median_s"] and set(out) >= {"dense", "with_dw", "with_dw_read", "model_floor"}
     out |= {"spec": {"task": "gemm_floor", "model": "vit_s16"}, "ok": True, "model": "vit_s16"}
     tasks = [t for t in committed["tasks"] if not (t["spec"]["task"] == "gemm_floor" and t["model"] == "vit_s16")]
     doc = {**committed, "tasks": tasks + [out]}
     a = analyse(doc)
     target = next(t for t in a["targets"] if t["target"] == "ViT-S/16 training step, RLRR / full fine-tuning")
     floor = a["floor"]["vit_s16"]["rows"]
-    expected = floor["full_fwd_bwd"]["x_full"]["median"] * (1 + out["read_s"] / floor["full_fwd_bwd"]["median_s"])
+    expected = floor["full_fwd_bwd"]["x_full"]["median"] * (1 + out["read_s"] / out["model_floor"]["median_s"])
     assert f"with W read once per direction outside the GEMMs {expected:.3f}" in target["detail"]
     assert "with RLRR's measured kernels and optimizer step" in target["detail"]
     assert "clocked between the GEMMs" in markdown(doc, a)
+    rows, g = a["training"]["vit_s16"]["rows"], out  # the LoRA bound: two ratios, each within its own task
+    dw = M.median([(w - d) / f for w, d, f in zip(g["with_dw"]["wall"], g["dense"]["wall"], g["model_floor"]["wall"])])
+    lora = rows["dense_floor"]["x_lora_r8"]["median"] + dw * rows["full_fwd_bwd"]["x_lora_r8"]["median"]
+    target = next(t for t in a["targets"] if t["target"] == "ViT-S/16 training step, RLRR / PEFT LoRA r=8")
+    assert f"lower bound by arithmetic {lora:.3f}" in target["detail"]

@@ -73,13 +73,12 @@ def _source(a: dict, model: str, ref: str) -> dict | None:
 
 
 def _gemm_floor(t: dict) -> dict:
-    """`gemm_floor`'s medians; where it timed the whole model's floor too, the shares of that step
-    (taken within the task: the machine's speed wanders between tasks)."""
+    """`gemm_floor`'s medians; where it timed the whole model's floor too, the reads' share of that
+    step (taken within the task: the machine's speed wanders between tasks)."""
     out = {"dense_s": t["dense"]["median_s"], "with_dw_s": t["with_dw"]["median_s"], "load": _load(t)}
     if "model_floor" in t:
         step = t["model_floor"]["median_s"]
-        out |= {"read_s": t["read_s"], "rounds": t["rounds"], "model_floor_s": step, "read_share": t["read_s"] / step,
-                "dw_share": M.median([(a - b) / s for a, b, s in zip(t["with_dw"]["wall"], t["dense"]["wall"], t["model_floor"]["wall"])])}
+        out |= {"read_s": t["read_s"], "rounds": t["rounds"], "model_floor_s": step, "read_share": t["read_s"] / step}
     return out
 
 
@@ -137,11 +136,10 @@ def analyse(doc: dict) -> dict:
         name = MODEL_NAMES.get(model, model)
         floor = out["gemm_floor"].get(model)
         bounds = {}
-        if "dense_floor" in rows and floor and "lora_r8" in rows:  # RLRR ≥ dX-only backward + the dW GEMMs
-            if "dw_share" in floor and "full_fwd_bwd" in rows:  # each part a ratio within its own task
-                bounds["lora_r8"] = rows["dense_floor"]["x_lora_r8"]["median"] + floor["dw_share"] * rows["full_fwd_bwd"]["x_lora_r8"]["median"]
-            else:  # older results: seconds from two tasks
-                bounds["lora_r8"] = (rows["dense_floor"]["median_s"] + floor["with_dw_s"] - floor["dense_s"]) / rows["lora_r8"]["median_s"]
+        if "x_lora_r8" in rows.get("full_fwd_bwd", {}):  # RLRR runs every GEMM the floor runs: RLRR / LoRA ≥ floor / LoRA, paired
+            bounds["lora_r8"] = rows["full_fwd_bwd"]["x_lora_r8"]["median"]
+        elif "dense_floor" in rows and floor and "lora_r8" in rows:  # older results: dX-only backward + the dW GEMMs, from two tasks
+            bounds["lora_r8"] = (rows["dense_floor"]["median_s"] + floor["with_dw_s"] - floor["dense_s"]) / rows["lora_r8"]["median_s"]
         full_rows = (_source(out, model, "full") or tr)["rows"]
         if "x_full" in full_rows.get("full_fwd_bwd", {}):  # RLRR ≥ full fine-tuning's forward + backward (same GEMMs): measured, paired
             bounds["full"] = full_rows["full_fwd_bwd"]["x_full"]["median"]

@@ -4,7 +4,8 @@
 - `floor_ratio`: the target rows' three variants (the floor, full fine-tuning, RLRR) alone, many rounds.
 - `own_work`: the time inside RLRR's training kernels per step, native loops vs op by op.
 - `train_memory`: one variant only, so the process's peak RSS is that variant's.
-- `gemm_floor`: the adapted linears' GEMMs alone, with and without the weight-gradient GEMM.
+- `gemm_floor`: the adapted linears' GEMMs alone, with and without the weight-gradient GEMM, and the
+  clocked reads of every W between them (the least a rescale outside the GEMMs adds).
 - `inference`: base, RLRR unmerged (eval, cached W'), the same recomputing W' per call, folded.
 - `onnx`: onnxruntime, base vs folded ONNX files.
 - `big_apply_fold` / `big_onnx`: `apply`, `fold` and the ONNX export of ViT-H/14, with peak RSS.

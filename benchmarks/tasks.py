@@ -240,14 +240,12 @@ def gemm_floor(model: str, rounds: int, warmup: int, device: str | None = None, 
     tokens = batch * (base.patch_embed.num_patches + 1)
     xs = {id(m): torch.randn(tokens, m.in_features, device=dev, requires_grad=True) for m in layers}
     reads: list[float] = []
-    images, labels = _data(dev, batch, model)
+    floor = Trainer(base, *_data(dev, batch, model), dev, optimizer=False)  # the floor variant's step, as train_timing runs it
 
     def floor_step() -> None:
-        for p in base.parameters():
-            p.requires_grad_(True)
-        F.cross_entropy(base(images), labels).backward()
-        for p in base.parameters():
-            p.grad = None
+        for p in floor.params:
+            p.requires_grad_(True)  # (`run` freezes the layers' weights)
+        floor.step()
 
     def read(w: torch.Tensor) -> float:
         t = time.perf_counter()
@@ -258,14 +256,16 @@ def gemm_floor(model: str, rounds: int, warmup: int, device: str | None = None, 
     def run(with_dw: bool, clock: bool = False) -> None:
         spent = 0.0
         for m in layers:
-            for p in (m.weight, m.bias):
+            params = [p for p in (m.weight, m.bias) if p is not None]
+            for p in params:
                 p.requires_grad_(with_dw)
             x = xs[id(m)]
             spent += read(m.weight) if clock else 0.0
             y = F.linear(x, m.weight, m.bias)
             spent += read(m.weight) if clock else 0.0
             y.backward(torch.ones_like(y))
-            m.weight.grad = m.bias.grad = x.grad = None
+            for t in (*params, x):
+                t.grad = None
         if clock:
             reads.append(spent)
 
